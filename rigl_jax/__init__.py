@@ -1,0 +1,1 @@
+"""rigl_jax: sparse training (RigL and friends) as an optax transformation."""
