@@ -1,0 +1,142 @@
+"""Per-layer sparsity distributions: uniform, Erdos-Renyi (ER) and ER-Kernel (ERK).
+
+All of them depend on parameter shapes only, so they work on arrays and on
+``jax.ShapeDtypeStruct`` alike and give the same answer inside and outside jit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from rigl_jax import masks as masks_lib
+
+PyTree = Any
+DISTRIBUTIONS = ("uniform", "er", "erk")
+
+
+def check_sparsity(value, name: str = "sparsity") -> float:
+  """A sparsity must be a number in [0, 1)."""
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.") from None
+  if not 0.0 <= value < 1.0:
+    raise ValueError(f"{name} must be in [0, 1), got {value}.")
+  return value
+
+
+def _er_score(shape) -> float:
+  # ER looks at fan-in and fan-out only: the last two dims of a conv or dense kernel.
+  n_in, n_out = shape[-2], shape[-1]
+  return (n_in + n_out) / (n_in * n_out)
+
+
+def _erk_score(shape) -> float:
+  # ERK also counts the kernel's spatial dims.
+  return float(np.sum(shape)) / float(np.prod(shape))
+
+
+def _solve_budget(sizes: dict[str, int], scores: dict[str, float], sparsity: float) -> dict[str, float]:
+  """Densities ``eps * score`` that keep ``(1 - sparsity)`` of the weights.
+
+  A layer whose density would exceed 1 is made dense and leaves both sides of the
+  budget; ``eps`` is then solved again until every density is at most 1.
+  """
+  dense: set[str] = set()
+  while True:
+    free = [p for p in sizes if p not in dense]
+    if not free:
+      return {p: 1.0 for p in sizes}
+    # Weights the free layers must hold: the total budget minus the dense layers.
+    budget = (1.0 - sparsity) * sum(sizes.values()) - sum(sizes[p] for p in dense)
+    eps = budget / sum(scores[p] * sizes[p] for p in free)
+    top = max(scores[p] for p in free)
+    if eps * top <= 1.0:
+      densities = {p: eps * scores[p] for p in free}
+      densities.update({p: 1.0 for p in dense})
+      return densities
+    # Every layer tied at the largest score becomes dense.
+    dense.update(p for p in free if np.isclose(scores[p], top, rtol=1e-12, atol=0))
+
+
+def sparsity_distribution(
+    params: PyTree,
+    sparsity: float,
+    kind: str = "erk",
+    *,
+    dense=None,
+    custom: Mapping[str, float] | None = None,
+    include=None,
+) -> PyTree:
+  """Per-leaf sparsities (floats, same structure as ``params``; 0.0 for dense leaves).
+
+  Args:
+    params: parameter pytree (arrays or shape structs).
+    sparsity: overall sparsity ``S`` in [0, 1) of the layers the distribution covers.
+    kind: ``"uniform"`` (every layer at ``S``, the first sparsifiable layer dense),
+      ``"er"`` or ``"erk"`` (layer density proportional to a shape score, with
+      over-full layers made dense; the overall count is ``(1 - S) * N``).
+    dense: layers forced dense (regex, list of regexes, or ``fn(path, leaf)``);
+      they leave the budget.
+    custom: ``{regex: sparsity}``; a matching layer gets that sparsity and leaves
+      the budget. The first matching regex wins.
+    include: which leaves may be sparse at all (default: ndim >= 2).
+
+  Returns:
+    The exact (unrounded) sparsity of every leaf. Masks hold
+    ``round((1 - s) * size)`` active weights.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> params = {"a": {"kernel": jnp.zeros((100, 100))}, "b": {"kernel": jnp.zeros((100, 10)), "bias": jnp.zeros(10)}}
+    >>> s = sparsity_distribution(params, 0.9, "erk")
+    >>> round(s["a"]["kernel"], 3), round(s["b"]["kernel"], 3), s["b"]["bias"]
+    (0.929, 0.61, 0.0)
+  """
+  sparsity = check_sparsity(sparsity)
+  if kind not in DISTRIBUTIONS:
+    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {kind!r}.")
+  custom = dict(custom or {})
+  for pattern, value in custom.items():
+    check_sparsity(value, f"custom[{pattern!r}]")
+  masks_lib.check_patterns_match(params, list(custom), "custom")
+  masks_lib.check_patterns_match(params, masks_lib.selector_patterns(dense), "dense")
+
+  candidates = masks_lib.sparsifiable(params, include=include)
+  allowed = masks_lib.sparsifiable(params, include=include, dense=dense)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [masks_lib.path_to_str(p) for p, _ in flat]
+  shapes = {path: tuple(np.shape(leaf)) for path, (_, leaf) in zip(paths, flat)}
+  is_candidate = dict(zip(paths, jax.tree.leaves(candidates)))
+  is_allowed = dict(zip(paths, jax.tree.leaves(allowed)))
+  if not any(is_allowed.values()):
+    raise ValueError("params: no parameter to sparsify (by default every leaf with "
+                     "ndim >= 2 is sparsifiable; check `include` and `dense`).")
+
+  result = {p: 0.0 for p in paths}
+  budget_layers = []
+  for path in paths:
+    if not is_allowed[path]:
+      continue
+    match = next((pat for pat in custom if re.search(pat, path)), None)
+    if match is not None:
+      result[path] = float(custom[match])
+    else:
+      budget_layers.append(path)
+
+  if kind == "uniform":
+    first = next((p for p in paths if is_candidate[p]), None)
+    for path in budget_layers:
+      result[path] = 0.0 if path == first else sparsity
+  elif budget_layers:
+    score_fn = _erk_score if kind == "erk" else _er_score
+    sizes = {p: int(np.prod(shapes[p])) for p in budget_layers}
+    scores = {p: score_fn(shapes[p]) for p in budget_layers}
+    for path, density in _solve_budget(sizes, scores, sparsity).items():
+      result[path] = max(0.0, 1.0 - density)
+  return jax.tree.unflatten(treedef, [result[p] for p in paths])

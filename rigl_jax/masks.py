@@ -1,0 +1,163 @@
+"""Masks: which parameters are sparse, exact-count random masks, and statistics.
+
+A mask pytree has the same structure as the params. Every leaf is a bool array of
+the leaf's shape; a dense leaf has an all-True mask (never ``None``), so masks
+compose with ``jax.tree.map`` against params and any optimizer state that mirrors
+them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+# A layer selector: a regex (searched in the leaf's path, e.g. "Dense_0/kernel"),
+# a sequence of regexes, or a predicate ``fn(path, leaf) -> bool``.
+Selector = str | Sequence[str] | Callable[[str, Any], bool] | None
+
+
+def path_to_str(path) -> str:
+  """'/'-joined key path of a leaf, e.g. ``('Dense_0', 'kernel') -> 'Dense_0/kernel'``."""
+  parts = []
+  for entry in path:
+    if isinstance(entry, jax.tree_util.DictKey):
+      parts.append(str(entry.key))
+    elif isinstance(entry, jax.tree_util.GetAttrKey):
+      parts.append(entry.name)
+    elif isinstance(entry, jax.tree_util.SequenceKey):
+      parts.append(str(entry.idx))
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+def leaf_paths(tree: PyTree) -> PyTree:
+  """A pytree of the same structure whose leaves are their own path strings."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: path_to_str(p), tree)
+
+
+def default_is_sparsifiable(path: str, leaf) -> bool:
+  """Conv and dense kernels (ndim >= 2) are sparse; biases and norm params are not."""
+  del path
+  return len(np.shape(leaf)) >= 2
+
+
+def _compile_selector(selector: Selector, name: str) -> Callable[[str, Any], bool] | None:
+  """Turns a selector into a predicate; validates regexes with a clear error."""
+  if selector is None:
+    return None
+  if callable(selector):
+    return selector
+  patterns = [selector] if isinstance(selector, str) else list(selector)
+  compiled = []
+  for pattern in patterns:
+    if not isinstance(pattern, str):
+      raise ValueError(f"{name}: expected a regex string, a list of them or a "
+                       f"predicate fn(path, leaf), got {pattern!r}.")
+    try:
+      compiled.append(re.compile(pattern))
+    except re.error as e:
+      raise ValueError(f"{name}: invalid regex {pattern!r}: {e}") from None
+  return lambda path, leaf: any(c.search(path) for c in compiled)
+
+
+def selector_patterns(selector: Selector) -> list[str]:
+  """The regexes of a selector (empty for None or a predicate)."""
+  if selector is None or callable(selector):
+    return []
+  return [selector] if isinstance(selector, str) else list(selector)
+
+
+def check_patterns_match(tree: PyTree, patterns: Sequence[str], name: str) -> None:
+  """Raises ValueError if a regex matches no leaf path: a typo must not pass silently."""
+  paths = jax.tree.leaves(leaf_paths(tree))
+  for pattern in patterns:
+    if not any(re.search(pattern, p) for p in paths):
+      shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+      raise ValueError(f"{name}: pattern {pattern!r} matches no parameter. "
+                       f"Parameter paths look like: {shown}")
+
+
+def sparsifiable(params: PyTree, *, include: Selector = None, dense: Selector = None) -> PyTree:
+  """Bool pytree: True for leaves that may be sparse.
+
+  Args:
+    params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
+    include: which leaves may be sparse; default every leaf with ndim >= 2.
+    dense: leaves forced dense, overriding ``include``.
+  """
+  include_fn = _compile_selector(include, "include") or default_is_sparsifiable
+  dense_fn = _compile_selector(dense, "dense") or (lambda path, leaf: False)
+
+  def select(path, leaf):
+    p = path_to_str(path)
+    return bool(include_fn(p, leaf)) and not bool(dense_fn(p, leaf))
+
+  return jax.tree_util.tree_map_with_path(select, params)
+
+
+def num_active(size: int, sparsity: float) -> int:
+  """The exact number of ones a mask of ``size`` entries holds at ``sparsity``."""
+  return int(round((1.0 - float(sparsity)) * size))
+
+
+def random_mask(key: jax.Array, shape: Sequence[int], n_active: int) -> jax.Array:
+  """A bool mask of ``shape`` with exactly ``n_active`` True entries, uniformly placed."""
+  size = int(np.prod(shape))
+  order = jax.random.permutation(key, size)
+  flat = jnp.zeros((size,), bool).at[order[:n_active]].set(True)
+  return flat.reshape(shape)
+
+
+def random_masks(key: jax.Array, params: PyTree, sparsities: PyTree) -> PyTree:
+  """Exact-count random masks, one independent stream per leaf.
+
+  Each leaf's key is ``fold_in(key, leaf_index)`` so a mask does not depend on
+  how many other leaves precede it in the draw order beyond its index.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  sparsity_leaves = treedef.flatten_up_to(sparsities)
+  masks = []
+  for i, (leaf, s) in enumerate(zip(leaves, sparsity_leaves)):
+    shape = np.shape(leaf)
+    size = int(np.prod(shape))
+    if s == 0.0:
+      masks.append(jnp.ones(shape, bool))
+    else:
+      masks.append(random_mask(jax.random.fold_in(key, i), shape, num_active(size, s)))
+  return jax.tree.unflatten(treedef, masks)
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+  """Zeroes the inactive entries of ``params``."""
+  return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
+
+
+def layer_densities(masks: PyTree) -> dict[str, float]:
+  """Fraction of active entries per leaf, keyed by path (all leaves, dense ones at 1.0)."""
+  out = {}
+  for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
+    m = np.asarray(m)
+    out[path_to_str(path)] = float(m.sum()) / max(m.size, 1)
+  return out
+
+
+def count_active(masks: PyTree, where: PyTree | None = None) -> tuple[int, int]:
+  """(active, total) entries over the leaves where ``where`` is True (default all)."""
+  leaves = jax.tree.leaves(masks)
+  selected = [True] * len(leaves) if where is None else jax.tree.leaves(where)
+  active = sum(int(np.asarray(m).sum()) for m, w in zip(leaves, selected) if w)
+  total = sum(int(np.size(m)) for m, w in zip(leaves, selected) if w)
+  return active, total
+
+
+def global_density(masks: PyTree, where: PyTree | None = None) -> float:
+  """Active fraction over all entries (or over the leaves where ``where`` is True)."""
+  active, total = count_active(masks, where)
+  return active / max(total, 1)

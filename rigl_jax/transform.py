@@ -1,0 +1,235 @@
+"""``sparse_training``: an optax transformation that trains sparse networks.
+
+The masks live in the optimizer state. Every step the wrapped (inner) optimizer
+sees masked gradients and the returned updates keep inactive weights at exactly
+zero. On a mask-update step, chosen inside jit with ``jax.lax.cond``, the method
+drops and grows connections from the dense gradient instead of (by default)
+taking the optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rigl_jax import distributions
+from rigl_jax import masks as masks_lib
+from rigl_jax import methods as methods_lib
+from rigl_jax import schedules
+
+PyTree = Any
+
+
+class SparseTrainingState(NamedTuple):
+  """State of :func:`sparse_training`."""
+  step: jax.Array          # int32: how many updates were taken
+  masks: PyTree            # bool, same structure as params; dense leaves all True
+  inner_state: optax.OptState
+  method_state: PyTree     # whatever the method keeps (e.g. dense momentum)
+  rng: jax.Array           # uint32 raw key data (checkpoint-friendly)
+
+
+def _is_masked_node(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def reset_param_like(state: PyTree, params: PyTree, keep: PyTree) -> PyTree:
+  """Zeroes the entries where ``keep`` is False in every subtree shaped like params.
+
+  Optimizer states mirror the params in many places (sgd's trace, adam's mu and
+  nu, MultiSteps' accumulators, a chain's or inject_hyperparams' inner states,
+  ``optax.masked`` states with MaskedNode holes). Any subtree with the params'
+  tree structure and leaf shapes is treated as per-parameter state.
+  """
+  params_def = jax.tree.structure(params)
+  shapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
+
+  def is_param_like(node) -> bool:
+    if _is_masked_node(node) or node is None:
+      return False
+    try:
+      flat, treedef = jax.tree.flatten(node, is_leaf=_is_masked_node)
+    except Exception:  # pylint: disable=broad-except
+      return False
+    if treedef != params_def:
+      return False
+    return all(_is_masked_node(x) or jnp.shape(x) == s for x, s in zip(flat, shapes))
+
+  def reset(node):
+    if not is_param_like(node):
+      return node
+    return jax.tree.map(
+        lambda x, k: x if _is_masked_node(x) else jnp.where(k, x, jnp.zeros_like(x)),
+        node, keep, is_leaf=_is_masked_node)
+
+  if is_param_like(state):
+    return reset(state)
+  return jax.tree.map(reset, state, is_leaf=is_param_like)
+
+
+def find_state(opt_state: PyTree) -> SparseTrainingState:
+  """The (first) :class:`SparseTrainingState` inside a possibly nested optax state."""
+  found = [s for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, SparseTrainingState))
+           if isinstance(s, SparseTrainingState)]
+  if not found:
+    raise ValueError("opt_state: no SparseTrainingState inside; was the optimizer built "
+                     "with rigl_jax.sparse_training?")
+  return found[0]
+
+
+def get_masks(opt_state: PyTree) -> PyTree:
+  """The bool masks (same structure as params; dense leaves all True)."""
+  return find_state(opt_state).masks
+
+
+def apply_masks(params: PyTree, opt_state: PyTree) -> PyTree:
+  """Zeroes the inactive weights of ``params``; call once after ``tx.init``."""
+  return masks_lib.apply_masks(params, get_masks(opt_state))
+
+
+def _masked_updates(updates: PyTree, params: PyTree, keep: PyTree) -> PyTree:
+  # Where a connection is (or becomes) inactive the update is -param, so
+  # params + updates is exactly 0 there, whatever the param held before.
+  return jax.tree.map(lambda u, p, k: jnp.where(k, u, -p).astype(u.dtype), updates, params, keep)
+
+
+def sparse_training(
+    inner: optax.GradientTransformation,
+    *,
+    method: str | methods_lib.Method,
+    sparsity: float,
+    distribution: str = "erk",
+    update_every: int = 100,
+    end_step: int,
+    drop_fraction: float = 0.3,
+    drop_schedule: str | Callable = "cosine",
+    start_step: int = 0,
+    skip_inner_update_on_mask_step: bool = True,
+    include=None,
+    dense=None,
+    custom: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` so that it trains a sparse network.
+
+  Args:
+    inner: any optax transformation (``optax.sgd``, a chain, inject_hyperparams...).
+    method: ``"static"``, ``"set"``, ``"rigl"`` (see ``rigl_jax.methods.METHODS``)
+      or a :class:`rigl_jax.methods.Method`.
+    sparsity: overall sparsity in [0, 1) of the sparsified layers.
+    distribution: ``"uniform"``, ``"er"`` or ``"erk"``.
+    update_every: steps between mask updates (dT).
+    end_step: no mask update at or after this step (T_end).
+    drop_fraction: the drop fraction at ``start_step`` (alpha).
+    drop_schedule: ``"cosine"``, ``"constant"`` or ``fn(step) -> fraction``.
+    start_step: first step counted by the schedules.
+    skip_inner_update_on_mask_step: on a mask-update step, change the masks
+      instead of taking the optimizer step (as the authors' code does).
+    include: which leaves may be sparse (regex(es) or ``fn(path, leaf)``;
+      default every leaf with ndim >= 2).
+    dense: leaves forced dense (regex(es) or predicate).
+    custom: ``{regex: sparsity}`` for layers with their own sparsity.
+    seed: seeds the initial masks and any random growth.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its state is (or holds) a
+    :class:`SparseTrainingState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, rigl_jax
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 32)), "b": jnp.zeros(32)}
+    >>> tx = rigl_jax.sparse_training(optax.sgd(0.1, momentum=0.9), method="rigl",
+    ...                               sparsity=0.9, update_every=10, end_step=100)
+    >>> state = tx.init(params)
+    >>> params = rigl_jax.apply_masks(params, state)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> int((params["w"] != 0).sum()), int(rigl_jax.get_masks(state)["w"].sum())
+    (205, 205)
+  """
+  method = methods_lib.get_method(method)
+  sparsity = distributions.check_sparsity(sparsity)
+  if distribution not in distributions.DISTRIBUTIONS:
+    raise ValueError(f"distribution must be one of {distributions.DISTRIBUTIONS}, "
+                     f"got {distribution!r}.")
+  if not isinstance(update_every, int) or update_every < 1:
+    raise ValueError(f"update_every must be an int >= 1, got {update_every!r}.")
+  if not isinstance(start_step, int) or start_step < 0:
+    raise ValueError(f"start_step must be an int >= 0, got {start_step!r}.")
+  if not isinstance(end_step, int) or end_step < start_step:
+    raise ValueError(f"end_step must be an int >= start_step ({start_step}), got {end_step!r}.")
+  if not 0.0 <= float(drop_fraction) <= 1.0:
+    raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction!r}.")
+  drop_fraction_fn = schedules.make_drop_fraction_fn(
+      drop_schedule, initial=float(drop_fraction), start_step=start_step, end_step=end_step)
+  max_drop_fraction = schedules.max_drop_fraction(drop_schedule, drop_fraction)
+  inner = optax.with_extra_args_support(inner)
+
+  def layer_sparsities(params):
+    # Shapes only: the same static answer at init and inside the jitted update.
+    return distributions.sparsity_distribution(
+        params, sparsity, distribution, dense=dense, custom=custom, include=include)
+
+  def init_fn(params):
+    sparsities = layer_sparsities(params)
+    key = jax.random.key(seed)
+    masks = method.initial_masks(key, params, sparsities)
+    masked_params = masks_lib.apply_masks(params, masks)
+    return SparseTrainingState(
+        step=jnp.zeros([], jnp.int32),
+        masks=masks,
+        inner_state=inner.init(masked_params),
+        method_state=method.init(masked_params, masks),
+        rng=jax.random.key_data(key),
+    )
+
+  def update_fn(grads, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("sparse_training needs params: call tx.update(grads, state, params).")
+    masks = state.masks
+    method_state = method.observe(state.method_state, grads, masks)
+    inner_grads = grads if method.dense_inner_gradients else masks_lib.apply_masks(grads, masks)
+
+    def inner_step(_):
+      updates, inner_state = inner.update(inner_grads, state.inner_state, params, **extra_args)
+      return _masked_updates(updates, params, masks), inner_state, masks, method_state
+
+    def mask_step(_):
+      ctx = methods_lib.UpdateContext(
+          step=state.step,
+          key=jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
+          drop_fraction=jnp.asarray(drop_fraction_fn(state.step), jnp.float32),
+          masks=masks, params=params, grads=grads,
+          sparsities=layer_sparsities(params),
+          max_drop_fraction=max_drop_fraction)
+      new_masks, new_method_state = method.update(ctx, method_state)
+      # Surviving connections keep weight and optimizer state; the rest restart at 0.
+      survivors = jax.tree.map(jnp.logical_and, new_masks, masks)
+      if skip_inner_update_on_mask_step:
+        updates = jax.tree.map(jnp.zeros_like, params)
+        inner_state = state.inner_state
+      else:
+        updates, inner_state = inner.update(inner_grads, state.inner_state, params, **extra_args)
+      inner_state = reset_param_like(inner_state, params, survivors)
+      return (_masked_updates(updates, params, survivors), inner_state, new_masks,
+              new_method_state)
+
+    if method.updates_masks:
+      is_update = schedules.is_update_step(
+          state.step, update_every=update_every, start_step=start_step, end_step=end_step)
+      updates, inner_state, masks, method_state = jax.lax.cond(
+          is_update, mask_step, inner_step, None)
+    else:
+      updates, inner_state, masks, method_state = inner_step(None)
+    new_state = SparseTrainingState(
+        step=state.step + 1, masks=masks, inner_state=inner_state,
+        method_state=method_state, rng=state.rng)
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
