@@ -1,0 +1,367 @@
+"""Theoretical FLOP counting for sparse conv / dense networks (the report's procedure).
+
+The RigL paper and the ML Reproducibility Challenge 2020 report quote every method's
+cost as multiples of the dense model's FLOPs. This module reproduces that count:
+
+1. ``layer_costs`` traces a Flax model once (abstractly, with ``jax.eval_shape``, so
+   even ImageNet ResNet-50 costs nothing) and records every ``nn.Conv`` and
+   ``nn.Dense`` call: the kernel's parameter path, its shape, the group count and
+   the per-example output size. No per-model tables.
+2. ``layer_flops`` / ``forward_flops`` turn those records into inference FLOPs per
+   example for given per-layer densities.
+3. ``train_flops_per_step`` and ``multipliers`` apply the per-method training-cost
+   formulas and normalise them against the dense model.
+
+Counting convention (per example, per conv/dense call, kernel density ``d``)::
+
+    fan_in    = prod(kernel.shape[:-1])      # k*k*c_in/groups for a conv, c_in for dense
+    n_out     = outputs per example          # H_out*W_out*c_out for a conv
+    mults     = fan_in*d * n_out  +  n_out   # dot products, plus one per output for ReLU
+    adds      = (fan_in*d - 1) * n_out  [+ n_out if the layer has a bias]
+
+The ReLU multiply is charged to EVERY conv and dense output -- shortcut 1x1 convs,
+pre-activation convs and the classifier included -- whether or not a ReLU follows
+in the actual graph. That is what the report's counter does (it builds a MicroNet
+``Conv2D(..., activation="relu")`` / ``FullyConnected(..., "relu")`` op for every
+layer). The ReLU multiply and the ``- 1`` addition then cancel, so a bias-free layer
+costs exactly ``2 * d * MACs`` -- linear in the density, which is why the report's
+uniform multipliers are 0.10x / 0.20x. With it the dense totals come out at the
+report's figures: WRN-22-2 on 32x32 gives 3.155e8 (report 3.15e8) and the CIFAR
+ResNet-50 (3x3 stem, no max-pool, stride on the 3x3 conv) 2.596e9 (report 2.59e9).
+(With ``relu=False`` the totals drop by 0.1-0.2 %, so both readings are within 1 %
+of the report; we follow the report's code.) BatchNorm, pooling, residual additions
+and the softmax are not counted. Shortcut convs count like any other conv; leaving
+them out would give 3.12e8 and 2.36e9, so they must be counted.
+
+Densities are per kernel (the fraction of nonzero weights), keyed by the kernel's
+'/'-joined path in ``variables["params"]``, the same strings a mask pytree's
+leaves have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+PyTree = Any
+
+# Methods whose training cost ``train_flops_per_step`` knows.
+TRAIN_METHODS = (
+    "dense", "static", "set", "small_dense", "rigl", "rigl_sg", "rigl_sm", "snfs",
+    "pruning", "lottery",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+  """One traced conv or dense call and what its FLOP count depends on.
+
+  Attributes:
+    path: '/'-joined key path of the kernel in ``variables["params"]``, e.g.
+      ``"Dense_0/kernel"``; the same string a mask pytree's leaf has.
+    kind: ``"conv"`` or ``"dense"``.
+    kernel_shape: shape of the kernel (Flax layout: spatial..., c_in/groups, c_out).
+    input_shape: per-example input shape (batch axis removed).
+    output_shape: per-example output shape (batch axis removed).
+    feature_group_count: conv groups (``c_in`` for a depthwise conv); 1 for dense.
+    has_bias: whether the layer adds a bias (one add per output).
+    fan_in: length of each output's dot product at density 1,
+      ``prod(kernel_shape[:-1])`` = ``k*k*c_in/groups`` for a conv.
+    outputs_per_example: number of output elements per example, e.g.
+      ``H_out*W_out*c_out``.
+  """
+  path: str
+  kind: str
+  kernel_shape: tuple[int, ...]
+  input_shape: tuple[int, ...]
+  output_shape: tuple[int, ...]
+  feature_group_count: int
+  has_bias: bool
+  fan_in: int
+  outputs_per_example: int
+
+  @property
+  def num_params(self) -> int:
+    """Number of kernel weights (bias excluded)."""
+    return int(np.prod(self.kernel_shape))
+
+
+def _leading_dim(x) -> int:
+  # ShapeDtypeStructs have .shape but np.shape() cannot read them.
+  shape = x.shape if hasattr(x, "shape") else np.shape(x)
+  if len(shape) < 1:
+    raise ValueError("sample_input must have a leading batch axis.")
+  return int(shape[0])
+
+
+def _lookup(params: Mapping, path: tuple[str, ...]):
+  """The leaf of ``params`` at ``path``; KeyError names the path if it is missing."""
+  node = params
+  for key in path:
+    if not isinstance(node, Mapping) or key not in node:
+      raise KeyError(f"kernel path {'/'.join(path)!r} not found in variables['params'].")
+    node = node[key]
+  return node
+
+
+def layer_costs(model: nn.Module, variables: PyTree, sample_input, **apply_kwargs) -> list[LayerCost]:
+  """Traces ``model.apply(variables, sample_input, **apply_kwargs)`` and returns its layers.
+
+  Every ``nn.Conv`` and ``nn.Dense`` call (subclasses included) is recorded in call
+  order; a module called twice appears twice (its FLOPs are paid twice). Nothing is
+  computed: the trace runs under ``jax.eval_shape``, so ``variables`` and
+  ``sample_input`` may be real arrays or ``jax.ShapeDtypeStruct``s (e.g. from
+  ``jax.eval_shape(model.init, ...)``).
+
+  Args:
+    model: a Flax linen module.
+    variables: its variables, with the kernels under ``variables["params"]``.
+    sample_input: an input batch (its first axis is the batch axis; the counts are
+      per example, so a batch of 1 is enough).
+    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``). Keep them
+      static: they are closed over, not traced.
+
+  Returns:
+    The list of ``LayerCost`` records.
+  """
+  batch = _leading_dim(sample_input)
+  records: list[LayerCost] = []
+  # Modules whose __call__ is running: a subclass calling super().__call__() passes
+  # through the interceptor twice and must be recorded once (the outer call).
+  active: list[int] = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name != "__call__" or not isinstance(module, (nn.Conv, nn.Dense))
+        or id(module) in active):
+      return next_fun(*args, **kwargs)
+    active.append(id(module))
+    try:
+      out = next_fun(*args, **kwargs)
+    finally:
+      active.pop()
+    x = args[0] if args else kwargs["inputs"]
+    # The module's scope path is its position under the root, which is exactly its
+    # key path in variables["params"] (no lifted transforms rename it here).
+    key_path = tuple(module.scope.path) + ("kernel",)
+    kernel = _lookup(variables["params"], key_path)
+    kernel_shape = tuple(int(s) for s in kernel.shape)
+    is_conv = isinstance(module, nn.Conv)
+    records.append(LayerCost(
+        path="/".join(key_path),
+        kind="conv" if is_conv else "dense",
+        kernel_shape=kernel_shape,
+        input_shape=tuple(int(s) for s in x.shape[1:]),
+        output_shape=tuple(int(s) for s in out.shape[1:]),
+        feature_group_count=int(module.feature_group_count) if is_conv else 1,
+        has_bias=bool(module.use_bias),
+        # Flax kernels already hold c_in/groups in the second-to-last axis, so the
+        # dot-product length is the product of all axes but the output one.
+        fan_in=int(np.prod(kernel_shape[:-1])),
+        # Outputs per example: any extra leading axes (sequence length, ...) count.
+        outputs_per_example=int(np.prod(out.shape)) // batch,
+    ))
+    return out
+
+  def run(v, x):
+    with nn.intercept_methods(interceptor):
+      return model.apply(v, x, **apply_kwargs)
+
+  jax.eval_shape(run, variables, sample_input)
+  return records
+
+
+def _path_str(key_path) -> str:
+  """'/'-joined key path, the same format as ``LayerCost.path``."""
+  parts = []
+  for entry in key_path:
+    if isinstance(entry, jax.tree_util.DictKey):
+      parts.append(str(entry.key))
+    elif isinstance(entry, jax.tree_util.GetAttrKey):
+      parts.append(entry.name)
+    elif isinstance(entry, jax.tree_util.SequenceKey):
+      parts.append(str(entry.idx))
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+def _leaf_density(leaf, path: str) -> float:
+  """A density from one leaf: a number is a density; an array is a mask or weights."""
+  arr = np.asarray(leaf)
+  if arr.ndim == 0:
+    value = float(arr)
+    if not 0.0 <= value <= 1.0:
+      raise ValueError(f"density of {path!r} must be in [0, 1], got {value}.")
+    return value
+  # A bool mask: fraction of True. A float mask or masked weights: fraction nonzero
+  # (the report's counter measured density as the fraction of nonzero weights).
+  return float(np.count_nonzero(arr)) / arr.size
+
+
+def resolve_densities(costs: Iterable[LayerCost], densities) -> dict[str, float]:
+  """Per-layer densities ``{path: d}`` for the layers in ``costs``.
+
+  ``densities`` may be:
+    * ``None``: every layer dense;
+    * a flat ``{"Dense_0/kernel": 0.1, ...}`` mapping of densities;
+    * a pytree shaped like ``variables["params"]`` whose kernel leaves are
+      densities (numbers), masks (bool arrays: fraction of True) or masked weights
+      (fraction nonzero). Leaves that are not layer kernels (biases, BatchNorm) are
+      ignored, ``None`` leaves mean dense.
+  Layers absent from ``densities`` are dense. To pass sparsities (as returned by
+  ``distributions.sparsity_distribution``) use ``densities_from_sparsities``.
+  """
+  layer_paths = {c.path for c in costs}
+  if densities is None:
+    return {}
+  flat, _ = jax.tree_util.tree_flatten_with_path(densities)
+  result = {}
+  for key_path, leaf in flat:
+    path = _path_str(key_path)
+    if path in layer_paths:
+      result[path] = _leaf_density(leaf, path)
+  if flat and not result:
+    # Nothing lined up: almost surely a format mistake (e.g. a "params/" prefix),
+    # which must not silently count as a dense model.
+    given = ", ".join(_path_str(p) for p, _ in flat[:4])
+    known = ", ".join(sorted(layer_paths)[:4])
+    raise ValueError(f"densities: no entry matches a layer path. Given paths look like "
+                     f"{given}; layer paths look like {known}.")
+  return result
+
+
+def densities_from_sparsities(sparsities: PyTree) -> PyTree:
+  """Turns a pytree (or flat mapping) of per-layer sparsities into densities."""
+  return jax.tree.map(lambda s: 1.0 - float(s), sparsities)
+
+
+def layer_flops(cost: LayerCost, density: float = 1.0, *, relu: bool = True) -> float:
+  """Inference FLOPs per example of one layer at kernel density ``density``.
+
+  Multiplications ``fan_in*d*n_out`` (+ ``n_out`` for the ReLU when ``relu``),
+  additions ``(fan_in*d - 1)*n_out`` (+ ``n_out`` for a bias). The ``- 1`` is the
+  ``n`` products needing only ``n - 1`` additions; it is floored at 0 so that an
+  (almost) empty layer never counts negative additions.
+  """
+  if not 0.0 <= density <= 1.0:
+    raise ValueError(f"density of {cost.path!r} must be in [0, 1], got {density}.")
+  n_out = cost.outputs_per_example
+  nnz_per_output = cost.fan_in * density
+  mults = nnz_per_output * n_out + (n_out if relu else 0)
+  adds = max(nnz_per_output - 1.0, 0.0) * n_out + (n_out if cost.has_bias else 0)
+  return float(mults + adds)
+
+
+def forward_flops(costs: Iterable[LayerCost], densities=None, *, relu: bool = True) -> float:
+  """Inference FLOPs per example of the whole network (``densities=None``: dense).
+
+  See ``resolve_densities`` for the accepted ``densities`` formats.
+  """
+  costs = list(costs)
+  per_layer = resolve_densities(costs, densities)
+  return float(sum(layer_flops(c, per_layer.get(c.path, 1.0), relu=relu) for c in costs))
+
+
+class FlopsAccumulator:
+  """Averages the sparse forward FLOPs over training, for methods where they change.
+
+  SNFS and the RigL-SG/SM variants redistribute density between layers and
+  pruning removes weights over time, so their ``f_S`` is the mean over all training
+  steps. Call ``add(densities, steps)`` for each stretch of ``steps`` steps spent
+  at the given densities (e.g. once per mask update with ``steps=update_every``)
+  and read ``mean``.
+  """
+
+  def __init__(self, costs: Iterable[LayerCost], *, relu: bool = True):
+    self.costs = list(costs)
+    self.relu = relu
+    self.total = 0.0  # sum over steps of forward FLOPs per example
+    self.steps = 0
+
+  def add(self, densities=None, steps: int = 1) -> float:
+    """Records ``steps`` steps at ``densities``; returns that state's forward FLOPs."""
+    if steps < 0:
+      raise ValueError(f"steps must be >= 0, got {steps}.")
+    f = forward_flops(self.costs, densities, relu=self.relu)
+    self.total += f * steps
+    self.steps += steps
+    return f
+
+  @property
+  def mean(self) -> float:
+    """Mean forward FLOPs per example over the recorded steps."""
+    if self.steps == 0:
+      raise ValueError("FlopsAccumulator.mean: no steps recorded.")
+    return self.total / self.steps
+
+
+def train_flops_per_step(method: str, f_dense: float, f_sparse: float | None = None, *,
+                         update_every: int = 100, f_final: float | None = None) -> float:
+  """Training FLOPs per example per step, the backward pass costing 2x the forward.
+
+  Args:
+    method: one of ``TRAIN_METHODS``.
+    f_dense: dense forward FLOPs ``f_D``.
+    f_sparse: sparse forward FLOPs ``f_S``; for methods where it changes during
+      training (snfs, rigl_sg, rigl_sm, pruning) the mean over training (see
+      ``FlopsAccumulator``); for small_dense the small model's FLOPs; for lottery
+      the mean of the pruning run it starts from. Ignored for dense.
+    update_every: ``dT``, steps between mask updates (RigL family only).
+    f_final: lottery only: forward FLOPs of the final pruned network, which is
+      retrained with a static mask.
+
+  Returns:
+    dense ``3 f_D``; static, set, small_dense ``3 f_S``; rigl (and rigl_sg/sm)
+    ``(3 f_S dT + 2 f_S + f_D) / (dT + 1)`` (every dT-th step also needs the dense
+    gradient); snfs ``2 f_S + f_D`` (dense gradient every step); pruning
+    ``3 f_S``; lottery ``3 f_S + 3 f_final`` (the pruning run plus a sparse
+    retraining of the same length).
+  """
+  if method not in TRAIN_METHODS:
+    raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}.")
+  if method == "dense":
+    return 3.0 * f_dense
+  if f_sparse is None:
+    raise ValueError(f"method {method!r} needs f_sparse.")
+  if method in ("static", "set", "small_dense", "pruning"):
+    return 3.0 * f_sparse
+  if method in ("rigl", "rigl_sg", "rigl_sm"):
+    if update_every < 1:
+      raise ValueError(f"update_every must be >= 1, got {update_every}.")
+    dt = update_every
+    # dT ordinary sparse steps (forward + sparse backward), then one update step whose
+    # backward computes the dense gradient: 2 f_S + f_D.
+    return (3.0 * f_sparse * dt + 2.0 * f_sparse + f_dense) / (dt + 1)
+  if method == "snfs":
+    # Forward and input-gradient are sparse, but the weight gradient is dense every step.
+    return 2.0 * f_sparse + f_dense
+  # lottery
+  if f_final is None:
+    raise ValueError("method 'lottery' needs f_final (the final pruned network's FLOPs).")
+  return 3.0 * f_sparse + 3.0 * f_final
+
+
+def multipliers(method: str, f_dense: float, f_sparse: float | None = None, *,
+                update_every: int = 100, f_final: float | None = None,
+                train_scale: float = 1.0) -> tuple[float, float]:
+  """(train, test) FLOP multipliers against the dense model, as in the report's tables.
+
+  ``train = train_flops_per_step(...) * train_scale / (3 f_D)`` and
+  ``test = f_final / f_D``, where ``f_final`` (inference FLOPs of the trained
+  network) defaults to ``f_sparse`` (``f_D`` for dense). ``train_scale`` is the
+  length of training relative to the dense baseline (2.0 for the report's "2x"
+  rows).
+  """
+  train = train_flops_per_step(method, f_dense, f_sparse, update_every=update_every,
+                               f_final=f_final) * train_scale
+  if method == "dense":
+    test = f_dense
+  else:
+    test = f_final if f_final is not None else f_sparse
+  return train / (3.0 * f_dense), test / f_dense
