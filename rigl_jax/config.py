@@ -1,0 +1,182 @@
+"""The trainer's configuration: one flat set of fields shared by every config file,
+and its validation.
+
+Every file in ``configs/`` starts from :func:`base_config` and overrides fields,
+so one command-line override (``--config.sparsity=0.8``) means the same thing
+everywhere. :func:`validate` runs before anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+DENSE_METHODS = ("dense", "small_dense")
+SPARSE_METHODS = ("static", "set", "rigl", "snfs", "rigl_sg", "rigl_sm", "pruning",
+                  "pruning_global", "lottery")
+METHODS = DENSE_METHODS + SPARSE_METHODS
+DISTRIBUTIONS = ("uniform", "er", "erk")
+DROP_SCHEDULES = ("cosine", "constant")
+ON_NONFINITE = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+  """A config field has a bad value; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the trainer reads, with the defaults of the report's CIFAR runs."""
+  c = ml_collections.ConfigDict()
+  # What to train.
+  c.model = "lenet_300_100"
+  c.dataset = "mnist5k"
+  c.data_dir = ""                 # tfds data_dir ("" = tfds default)
+  c.validation_size = -1          # -1: the dataset's default; 0: no validation split
+  c.dtype = "float32"             # compute dtype: float32 or bfloat16
+  # Sparse training.
+  c.method = "rigl"
+  c.distribution = "erk"
+  c.sparsity = 0.9
+  c.update_every = 100            # dT
+  c.drop_fraction = 0.3           # alpha
+  c.drop_schedule = "cosine"
+  c.end_fraction = 0.75           # T_end as a fraction of training (used if end_step < 0)
+  c.end_step = -1                 # T_end in steps (overrides end_fraction when >= 0)
+  c.start_step = 0                # first step of the mask schedules (pruning's t0)
+  c.skip_inner_update_on_mask_step = True
+  c.dense_layers = ()             # regexes of kernel paths forced dense
+  c.custom_sparsity = {}          # {regex: sparsity} layers with their own sparsity
+  c.source_workdir = ""           # lottery: a finished pruning run's workdir
+  # Optimisation.
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.num_epochs = 250
+  c.num_train_steps = -1          # overrides num_epochs when >= 0
+  c.train_multiplier = 1.0        # 2x / 3x runs: scales epochs, lr drops and T_end
+  c.learning_rate = 0.1
+  c.lr_drop_steps = (30_000, 60_000)
+  c.lr_drop_factor = 0.2
+  c.warmup_epochs = 0.0
+  c.momentum = 0.9
+  c.nesterov = True
+  c.weight_decay = 5e-4           # on kernels only
+  c.label_smoothing = 0.0
+  c.on_nonfinite = "stop"         # stop the run, or skip the batch
+  # Bookkeeping.
+  c.seed = 0
+  c.log_every = 100
+  c.eval_every = 0                # 0: evaluate at the end only
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.overwrite = False             # allow a workdir holding a different config
+  return c
+
+
+def _require(cond: bool, field: str, message: str):
+  if not cond:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def _int_at_least(c, field: str, low: int):
+  value = c[field]
+  _require(isinstance(value, int) and not isinstance(value, bool) and value >= low, field,
+           f"must be an int >= {low}, got {value!r}")
+
+
+def _number_in(c, field: str, low: float, high: float, *, high_open: bool = False):
+  value = c[field]
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  ok = ok and low <= value and (value < high if high_open else value <= high)
+  bracket = ")" if high_open else "]"
+  _require(ok, field, f"must be a number in [{low}, {high}{bracket}, got {value!r}")
+
+
+def _choice(c, field: str, allowed):
+  _require(c[field] in allowed, field, f"must be one of {tuple(allowed)}, got {c[field]!r}")
+
+
+def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
+  """Raises :class:`ConfigError` naming the first bad field; touches nothing."""
+  from rigl_jax import data, models  # pylint: disable=import-outside-toplevel
+
+  missing = [k for k in base_config() if k not in c]
+  _require(not missing, missing[0] if missing else "", "missing (start configs from "
+           "rigl_jax.config.base_config())")
+  unknown = [k for k in c if k not in base_config()]
+  _require(not unknown, unknown[0] if unknown else "", f"unknown field; known fields: "
+           f"{', '.join(sorted(base_config()))}")
+  _choice(c, "model", models.MODEL_NAMES)
+  _choice(c, "dataset", data.DATASET_NAMES)
+  _choice(c, "method", METHODS)
+  _choice(c, "distribution", DISTRIBUTIONS)
+  _choice(c, "drop_schedule", DROP_SCHEDULES)
+  _choice(c, "on_nonfinite", ON_NONFINITE)
+  _choice(c, "dtype", ("float32", "bfloat16"))
+  _number_in(c, "sparsity", 0.0, 1.0, high_open=True)
+  _number_in(c, "drop_fraction", 0.0, 1.0)
+  _number_in(c, "end_fraction", 0.0, 1.0)
+  _number_in(c, "lr_drop_factor", 0.0, 1.0)
+  _number_in(c, "momentum", 0.0, 1.0, high_open=True)
+  _number_in(c, "weight_decay", 0.0, 1.0)
+  _number_in(c, "label_smoothing", 0.0, 1.0, high_open=True)
+  _number_in(c, "learning_rate", 0.0, math.inf, high_open=True)
+  _number_in(c, "warmup_epochs", 0.0, math.inf, high_open=True)
+  _number_in(c, "train_multiplier", 0.0, math.inf, high_open=True)
+  _require(c.train_multiplier > 0, "train_multiplier", f"must be > 0, got {c.train_multiplier}")
+  for field, low in (("update_every", 1), ("batch_size", 1), ("eval_batch_size", 1),
+                     ("num_epochs", 0), ("seed", 0), ("log_every", 1), ("eval_every", 0),
+                     ("checkpoint_every", 1), ("keep_checkpoints", 1), ("start_step", 0),
+                     ("end_step", -1), ("num_train_steps", -1), ("validation_size", -1)):
+    _int_at_least(c, field, low)
+  for field in ("nesterov", "skip_inner_update_on_mask_step", "overwrite"):
+    _require(isinstance(c[field], bool), field, f"must be True or False, got {c[field]!r}")
+  _require(all(isinstance(s, int) and s >= 0 for s in c.lr_drop_steps), "lr_drop_steps",
+           f"must be a list of step numbers >= 0, got {c.lr_drop_steps!r}")
+  _require(isinstance(c.dense_layers, (tuple, list)) and
+           all(isinstance(p, str) for p in c.dense_layers), "dense_layers",
+           f"must be a list of regex strings, got {c.dense_layers!r}")
+  for pattern, value in dict(c.custom_sparsity).items():
+    ok = isinstance(value, (int, float)) and 0 <= value < 1
+    _require(ok, "custom_sparsity", f"value for {pattern!r} must be in [0, 1), got {value!r}")
+  for field, size in (("batch_size", c.batch_size), ("eval_batch_size", c.eval_batch_size)):
+    _require(size % device_count == 0, field,
+             f"{size} is not divisible by the number of devices ({device_count})")
+  if c.method == "lottery":
+    _require(bool(c.source_workdir), "source_workdir",
+             "method 'lottery' needs the workdir of a finished pruning run")
+  total = total_steps_hint(c)
+  if total is not None:
+    end = end_step(c, total)
+    _require(end >= c.start_step, "end_step",
+             f"resolves to {end}, before start_step={c.start_step}")
+
+
+def total_steps_hint(c) -> int | None:
+  """Total steps when known without the data (num_train_steps set), else None."""
+  if c.num_train_steps >= 0:
+    return int(round(c.num_train_steps * c.train_multiplier))
+  return None
+
+
+def total_steps(c, steps_per_epoch: int) -> int:
+  """Training length in steps, the train multiplier applied."""
+  if c.num_train_steps >= 0:
+    return int(round(c.num_train_steps * c.train_multiplier))
+  return int(round(c.num_epochs * c.train_multiplier * steps_per_epoch))
+
+
+def end_step(c, total: int) -> int:
+  """T_end: the last step (exclusive) of mask updates."""
+  if c.end_step >= 0:
+    return int(round(c.end_step * c.train_multiplier))
+  return int(c.end_fraction * total)
+
+
+def lr_drop_steps(c) -> list[int]:
+  return [int(round(s * c.train_multiplier)) for s in c.lr_drop_steps]
+
+
+def width_multiplier(c) -> float:
+  """Small-Dense: every hidden width scaled by sqrt(1 - sparsity)."""
+  return math.sqrt(1.0 - c.sparsity) if c.method == "small_dense" else 1.0

@@ -1,0 +1,548 @@
+"""The trainer: ``train_and_evaluate(config, workdir)``.
+
+One jitted train step over a ``jax.make_mesh`` of every device (batch sharded on
+the ``data`` axis, state replicated), the sparse-training transform from the core,
+orbax checkpoints with exact resume, and ``metrics.jsonl`` / ``summary.json`` in
+the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import rigl_jax
+from rigl_jax import checkpoint as checkpoint_lib
+from rigl_jax import config as config_lib
+from rigl_jax import data as data_lib
+from rigl_jax import flops as flops_lib
+from rigl_jax import masks as masks_lib
+from rigl_jax import methods as methods_lib
+from rigl_jax import models, schedules
+
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+  step: jax.Array            # int32: steps taken
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  rng: jax.Array             # uint32 key data, folded with the step for stochastic layers
+  nonfinite_step: jax.Array  # int32: first step with a non-finite loss or gradient, -1 if none
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_fn(c, steps_per_epoch: int):
+  """Linear warm-up, then the base rate times ``lr_drop_factor`` per drop passed."""
+  warmup = int(round(c.warmup_epochs * steps_per_epoch))
+  drops = jnp.asarray(config_lib.lr_drop_steps(c) or [np.iinfo(np.int32).max], jnp.int32)
+  n_drops = len(config_lib.lr_drop_steps(c))
+
+  def fn(step):
+    passed = jnp.sum(step >= drops) if n_drops else 0
+    lr = c.learning_rate * c.lr_drop_factor ** passed
+    if warmup > 0:
+      lr = lr * jnp.minimum(1.0, (step + 1) / warmup)
+    return jnp.asarray(lr, jnp.float32)
+
+  return fn
+
+
+def _kernels_only(params):
+  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def set_learning_rate(opt_state, lr):
+  """Writes ``lr`` into every inject_hyperparams state: the rate follows the global step,
+  also across mask-update steps on which the inner optimizer does not step."""
+  is_inject = lambda x: isinstance(x, optax.InjectStatefulHyperparamsState)
+
+  def set_lr(node):
+    if not is_inject(node):
+      return node
+    hyper = dict(node.hyperparams)
+    hyper["learning_rate"] = jnp.asarray(lr, hyper["learning_rate"].dtype)
+    return node._replace(hyperparams=hyper)
+
+  return jax.tree.map(set_lr, opt_state, is_leaf=is_inject)
+
+
+class GivenMasks(methods_lib.Static):
+  """A static method whose masks come from elsewhere (the lottery ticket's pruned mask)."""
+  name = "given_masks"
+
+  def __init__(self, masks):
+    self.masks = masks
+
+  def initial_masks(self, key, params, sparsities):
+    del key, sparsities
+    return jax.tree.map(lambda m, p: jnp.asarray(m, bool).reshape(jnp.shape(p)), self.masks, params)
+
+
+def make_optimizer(c, *, total: int, lottery_masks=None) -> optax.GradientTransformation:
+  """SGD (Nesterov) with kernel-only weight decay, wrapped for sparse training."""
+  sgd = optax.inject_hyperparams(optax.sgd)(
+      learning_rate=c.learning_rate, momentum=c.momentum, nesterov=c.nesterov)
+  inner = optax.chain(optax.add_decayed_weights(c.weight_decay, mask=_kernels_only), sgd)
+  if c.method in config_lib.DENSE_METHODS:
+    return inner
+  method = GivenMasks(lottery_masks) if c.method == "lottery" else c.method
+  return rigl_jax.sparse_training(
+      inner,
+      method=method,
+      sparsity=c.sparsity,
+      distribution=c.distribution,
+      update_every=c.update_every,
+      end_step=max(config_lib.end_step(c, total), c.start_step),
+      start_step=c.start_step,
+      drop_fraction=c.drop_fraction,
+      drop_schedule=c.drop_schedule,
+      skip_inner_update_on_mask_step=c.skip_inner_update_on_mask_step,
+      dense=list(c.dense_layers) or None,
+      custom=dict(c.custom_sparsity) or None,
+      seed=c.seed,
+  )
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float):
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(model, tx, c, num_classes: int, lr_fn):
+  skip_bad = c.on_nonfinite == "skip"
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+      logits, new_vars = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+          mutable=["batch_stats"], rngs={"dropout": rng})
+      loss = cross_entropy(logits, batch["label"], num_classes, c.label_smoothing).mean()
+      return loss, (logits, new_vars.get("batch_stats", state.batch_stats))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    lr = lr_fn(state.step)
+    opt_state = set_learning_rate(state.opt_state, lr)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    # A bad batch leaves the state untouched. With "stop" the state also freezes
+    # from then on, so the host can stop at its next check holding the last good
+    # state; with "skip" training goes on with the next batch.
+    healthy = state.nonfinite_step < 0
+    accept = finite if skip_bad else finite & healthy
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                           opt_state=opt_state, rng=state.rng, nonfinite_step=state.nonfinite_step)
+    kept = state._replace(step=state.step + 1)
+    new_state = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new_state, kept)
+    first_bad = jnp.where(~finite & (state.nonfinite_step < 0), state.step, state.nonfinite_step)
+    new_state = new_state._replace(nonfinite_step=first_bad if not skip_bad else state.nonfinite_step)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "learning_rate": lr,
+        "nonfinite": (~finite).astype(jnp.int32),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, num_classes: int):
+  def eval_step(state: TrainState, batch):
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                         batch["image"], train=False)
+    weight = batch["mask"].astype(jnp.float32)
+    loss = cross_entropy(logits, batch["label"], num_classes, 0.0)
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"correct": jnp.sum(correct * weight), "loss": jnp.sum(loss * weight),
+            "count": jnp.sum(weight)}
+  return eval_step
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _config_dict(c) -> dict:
+  return json.loads(c.to_json_best_effort())
+
+
+# Fields that may change when a run is resumed: they do not change its numbers.
+_RESUMABLE_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "overwrite",
+                     "data_dir", "eval_every")
+
+
+def check_workdir_config(c, workdir: str) -> None:
+  """Refuses a workdir holding a run of another config (unless ``overwrite``)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path) or c.overwrite:
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  asked = _config_dict(c)
+  diff = sorted(k for k in set(saved) | set(asked)
+                if k not in _RESUMABLE_FIELDS and saved.get(k) != asked.get(k))
+  if diff:
+    k = diff[0]
+    raise config_lib.ConfigError(
+        f"config.{k}: the workdir {workdir} holds a run with {k}={saved.get(k)!r}, not "
+        f"{asked.get(k)!r} (differing fields: {', '.join(diff)}); use another workdir or "
+        f"--config.overwrite=True")
+
+
+class MetricsLog:
+  """``metrics.jsonl``: one JSON line per logged step; lines past a restored step are
+  dropped on resume so the file reads like one uninterrupted run."""
+
+  def __init__(self, path: str, resume_step: int):
+    self.path = path
+    self.last = {}
+    lines = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+          if record.get("step", math.inf) <= resume_step:
+            lines.append(line if line.endswith("\n") else line + "\n")
+            self.last = record
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(lines)
+      os.replace(tmp, path)
+
+  def write(self, record: dict) -> None:
+    if jax.process_index() != 0:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+    self.last = record
+
+
+def _to_host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _save_tree(directory: str, tree) -> None:
+  """A small side checkpoint (initial params, final masks), written atomically by orbax."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(directory), tree, force=True)
+
+
+def _load_tree(directory: str, target):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.abspath(directory), target)
+
+
+def load_lottery_source(c, params_shape):
+  """The final masks and the initial params of the pruning run in ``source_workdir``."""
+  source = c.source_workdir
+  for name in ("config.json", "final_masks", "initial_params"):
+    if not os.path.exists(os.path.join(source, name)):
+      raise config_lib.ConfigError(
+          f"config.source_workdir: {source!r} has no {name}; it must be the workdir of a "
+          f"finished sparse run (e.g. method 'pruning')")
+  with open(os.path.join(source, "config.json")) as f:
+    source_config = json.load(f)
+  for field in ("model", "dataset"):
+    if source_config.get(field) != c[field]:
+      raise config_lib.ConfigError(
+          f"config.source_workdir: the source run trained {field}="
+          f"{source_config.get(field)!r}, this run asks for {c[field]!r}")
+  mask_target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bool_), params_shape)
+  masks = _load_tree(os.path.join(source, "final_masks"), mask_target)
+  initial = _load_tree(os.path.join(source, "initial_params"), None)
+  return masks, initial
+
+
+# ----------------------------------------------------------------------------- main loop
+
+
+def setup(c: ml_collections.ConfigDict, workdir: str):
+  """Validates the config and builds data, model and optimizer; writes nothing."""
+  config_lib.validate(c, device_count=jax.device_count())
+  try:
+    pipeline = data_lib.get_pipeline(
+        c.dataset, global_batch_size=c.batch_size, eval_batch_size=c.eval_batch_size,
+        seed=c.seed, validation_size=None if c.validation_size < 0 else c.validation_size,
+        data_dir=c.data_dir or None)
+  except ValueError as e:  # sizes that do not fit the data set
+    raise config_lib.ConfigError(f"config.dataset={c.dataset!r}: {e}") from None
+  check_workdir_config(c, workdir)
+  total = config_lib.total_steps(c, pipeline.steps_per_epoch)
+  end = config_lib.end_step(c, total)
+  if end < c.start_step:
+    raise config_lib.ConfigError(f"config.end_step: resolves to {end}, before "
+                                 f"start_step={c.start_step}")
+  model = models.get_model(c.model, num_classes=pipeline.info.num_classes,
+                           width_multiplier=config_lib.width_multiplier(c),
+                           dtype=jnp.dtype(c.dtype))
+  return pipeline, model, total
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, evaluates, and writes ``summary.json``; resumes from the workdir's checkpoint."""
+  wall_start = time.time()
+  c = ml_collections.ConfigDict(c)  # a private copy
+  pipeline, model, total = setup(c, workdir)
+  info = pipeline.info
+
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  sample = jnp.zeros((1,) + tuple(info.input_shape), jnp.float32)
+  key = jax.random.key(c.seed)
+  variables_shape = jax.eval_shape(lambda: model.init(key, sample, train=False))
+  params_shape = variables_shape["params"]
+
+  lottery_masks = initial_params = None
+  if c.method == "lottery":
+    lottery_masks, initial_params = load_lottery_source(c, params_shape)
+  tx = make_optimizer(c, total=total, lottery_masks=lottery_masks)
+  sparse = c.method not in config_lib.DENSE_METHODS
+  if sparse:  # bad patterns, nothing to sparsify: fail before compiling the step
+    try:
+      jax.eval_shape(tx.init, params_shape)
+    except ValueError as e:
+      field = {"dense": "dense_layers", "custom": "custom_sparsity"}.get(
+          str(e).split(":")[0], "model")
+      raise config_lib.ConfigError(f"config.{field}: {e}") from None
+  costs = flops_lib.layer_costs(model, variables_shape, sample, train=False)
+
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    _write_json_atomic(os.path.join(workdir, "config.json"), _config_dict(c))
+
+  def init_state():
+    variables = model.init(key, sample, train=False)
+    params = variables["params"]
+    if initial_params is not None:
+      params = initial_params["params"]
+    opt_state = tx.init(params)
+    if sparse:
+      params = rigl_jax.apply_masks(params, opt_state)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=opt_state,
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+                      nonfinite_step=jnp.full([], -1, jnp.int32))
+
+  state_shape = jax.eval_shape(init_state)
+  state_target = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state_shape)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     max_to_keep=c.keep_checkpoints,
+                                     save_interval_steps=c.checkpoint_every)
+  restored = ckpt.restore_latest(state_target)
+  if restored is None:
+    state = jax.jit(init_state, out_shardings=replicated)()
+    start_step = 0
+    if sparse and jax.process_index() == 0:
+      _save_tree(os.path.join(workdir, "initial_params"), {"params": _to_host(state.params)})
+    logging.info("Starting %s from scratch: %d steps.", workdir, total)
+  else:
+    start_step, state = restored
+    logging.info("Resumed %s at step %d of %d.", workdir, start_step, total)
+
+  lr_fn = learning_rate_fn(c, pipeline.steps_per_epoch)
+  train_step = jax.jit(make_train_step(model, tx, c, info.num_classes, lr_fn),
+                       in_shardings=(replicated, batch_sharding),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model, info.num_classes),
+                      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+
+  def to_global(batch):
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+            for k, v in batch.items()}
+
+  def evaluate(split: str) -> dict:
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for batch in pipeline.eval_batches(split):
+      out = jax.device_get(eval_step(state, to_global(batch)))
+      for k in totals:
+        totals[k] += float(out[k])
+    n = max(totals["count"], 1.0)
+    return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n}
+
+  metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
+  f_dense = flops_lib.forward_flops(costs)
+  flops_method = {"pruning_global": "pruning", "lottery": "static"}.get(c.method, c.method)
+  accumulator = flops_lib.FlopsAccumulator(costs)
+  train_flops = float(metrics_log.last.get("train_flops", 0.0))
+  if start_step and "flops_steps" in metrics_log.last:
+    accumulator.total = float(metrics_log.last["flops_total"])
+    accumulator.steps = int(metrics_log.last["flops_steps"])
+  end = config_lib.end_step(c, total)
+  drop_fn = schedules.make_drop_fraction_fn(c.drop_schedule, initial=c.drop_fraction,
+                                            start_step=c.start_step, end_step=end)
+
+  def masks_now():
+    return _to_host(rigl_jax.get_masks(state.opt_state)) if sparse else None
+
+  def log(step: int, pending: list, interval_s: float, steps_done: int):
+    nonlocal train_flops
+    host = jax.device_get(pending)
+    masks = masks_now()
+    f_sparse = accumulator.add(masks, steps_done)
+    per_example = flops_lib.train_flops_per_step(
+        flops_method, f_dense, f_sparse, update_every=c.update_every, f_final=f_sparse)
+    train_flops += per_example * c.batch_size * steps_done
+    record = {
+        "step": step,
+        "loss": float(np.mean([m["loss"] for m in host])),
+        "accuracy": float(np.mean([m["accuracy"] for m in host])),
+        "learning_rate": float(host[-1]["learning_rate"]),
+        "drop_fraction": float(drop_fn(step - 1)) if c.method in ("set", "rigl", "snfs",
+                                                                 "rigl_sg", "rigl_sm") else 0.0,
+        "global_density": masks_lib.global_density(masks, masks_lib.sparsifiable(masks))
+                          if sparse else 1.0,
+        "steps_per_s": steps_done / max(interval_s, 1e-9),
+        "train_flops": train_flops,
+        "flops_total": accumulator.total,
+        "flops_steps": accumulator.steps,
+        "nonfinite": int(sum(m["nonfinite"] for m in host)),
+    }
+    metrics_log.write(record)
+    eta = (total - step) / max(record["steps_per_s"], 1e-9)
+    logging.info("step %d/%d  loss %.4f  acc %.4f  lr %.4g  density %.4f  %.1f steps/s  "
+                 "eta %.0fs", step, total, record["loss"], record["accuracy"],
+                 record["learning_rate"], record["global_density"], record["steps_per_s"], eta)
+    return record
+
+  def check_finite():
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0 and c.on_nonfinite == "stop":
+      metrics_log.write({"step": int(jax.device_get(state.step)), "event": "nonfinite",
+                         "nonfinite_step": bad})
+      ckpt.close()
+      raise FloatingPointError(
+          f"non-finite loss or gradient at step {bad}; stopped, the last good checkpoint "
+          f"(step {ckpt.latest_step()}) is kept. Set --config.on_nonfinite=skip to skip "
+          f"such batches instead.")
+
+  batches = pipeline.train_batches(start_step)
+  pending, interval_start, interval_steps = [], time.time(), 0
+  preempted = False
+  with Preemption() as preemption:
+    for step in range(start_step, total):
+      state, metrics = train_step(state, to_global(next(batches)))
+      pending.append(metrics)
+      interval_steps += 1
+      done = step + 1
+      if done % c.log_every == 0 or done == total:
+        log(done, pending, time.time() - interval_start, interval_steps)
+        pending, interval_start, interval_steps = [], time.time(), 0
+        check_finite()
+      if c.eval_every and done % c.eval_every == 0 and done != total and info.num_val:
+        val = evaluate("val")
+        metrics_log.write({"step": done, "val_accuracy": val["accuracy"], "val_loss": val["loss"]})
+      if done % c.checkpoint_every == 0 or preemption.requested:
+        if pending:  # the checkpoint's metrics line must be in the log before it
+          log(done, pending, time.time() - interval_start, interval_steps)
+          pending, interval_start, interval_steps = [], time.time(), 0
+        check_finite()
+        ckpt.save(done, state, force=preemption.requested)
+      if preemption.requested:
+        preempted = True
+        break
+  if not preempted:
+    check_finite()
+    ckpt.save(total, state, force=True)
+  ckpt.close()
+  if preempted:
+    logging.info("SIGTERM: saved step %d and stopped; rerun the same command to resume.",
+                 int(jax.device_get(state.step)))
+    return {"preempted": True, "steps": int(jax.device_get(state.step))}
+
+  masks = masks_now()
+  if sparse and jax.process_index() == 0:
+    _save_tree(os.path.join(workdir, "final_masks"), masks)
+  val = evaluate("val") if info.num_val else {"accuracy": None, "loss": None}
+  test = evaluate("test")
+  f_final = flops_lib.forward_flops(costs, masks)
+  f_mean = accumulator.mean if accumulator.steps else f_final
+  train_mult, test_mult = flops_lib.multipliers(
+      flops_method, f_dense, f_mean, update_every=c.update_every, f_final=f_final,
+      train_scale=c.train_multiplier)
+  summary = {
+      "method": c.method, "model": c.model, "dataset": c.dataset,
+      "distribution": c.distribution, "sparsity": c.sparsity, "seed": c.seed,
+      "train_multiplier": c.train_multiplier,
+      "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+      "val_accuracy": val["accuracy"], "val_loss": val["loss"],
+      "global_density": (masks_lib.global_density(masks, masks_lib.sparsifiable(masks))
+                         if sparse else 1.0),
+      "layer_densities": masks_lib.layer_densities(masks) if sparse else {},
+      "steps": total,
+      "dense_forward_flops": f_dense, "sparse_forward_flops": f_final,
+      "train_flops_multiplier": train_mult, "test_flops_multiplier": test_mult,
+      "train_flops": train_flops,
+      "wall_time_s": time.time() - wall_start,
+  }
+  if jax.process_index() == 0:
+    _write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  logging.info("Done: test accuracy %.4f, val accuracy %s, global density %.4f.",
+               summary["test_accuracy"], summary["val_accuracy"], summary["global_density"])
+  return summary

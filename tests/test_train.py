@@ -1,0 +1,200 @@
+"""The trainer end to end: real runs of train_and_evaluate on the built-in data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from rigl_jax import config as config_lib
+from rigl_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**overrides):
+  c = config_lib.base_config()
+  c.model = "lenet_300_100"
+  c.dataset = "mnist5k"
+  c.batch_size = 50
+  c.eval_batch_size = 250
+  c.num_train_steps = 40
+  c.update_every = 10
+  c.lr_drop_steps = (30,)
+  c.log_every = 10
+  c.checkpoint_every = 20
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def final_state(workdir):
+  """The newest checkpoint's leaves as numpy arrays (no target needed)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  step = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  path = os.path.join(ckpt_dir, str(step), "default")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    # Written maybe on another device count: restore every leaf onto this device.
+    meta = ckptr.metadata(path).item_metadata.tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    tree = ckptr.restore(path, target)
+  return step, [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def run_main(workdir, *overrides, env=None, wait=True):
+  cmd = [sys.executable, "-m", "rigl_jax.main", f"--config={REPO}/configs/quickstart.py",
+         f"--workdir={workdir}", *overrides]
+  proc_env = dict(os.environ, **(env or {}))
+  if wait:
+    return subprocess.run(cmd, capture_output=True, text=True, env=proc_env, timeout=600)
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=proc_env)
+
+
+@pytest.mark.parametrize("dataset, method", [("mnist5k", "rigl"), ("mnist1d", "set"),
+                                             ("mnist1d", "dense")])
+def test_train_and_evaluate_builtin(tmp_path, dataset, method):
+  c = small_config(dataset=dataset, method=method, sparsity=0.8)
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  for key in ("test_accuracy", "val_accuracy", "global_density", "layer_densities", "steps",
+              "wall_time_s", "train_flops_multiplier", "test_flops_multiplier"):
+    assert key in summary
+  assert summary["steps"] == 40
+  # 40 steps learn above chance (0.1): mnist5k far above, mnist1d (a hard set) a little.
+  assert {"mnist5k": 0.5, "mnist1d": 0.15}[dataset] < summary["test_accuracy"] <= 1.0
+  if method == "dense":
+    assert summary["global_density"] == 1.0
+  else:
+    assert abs(summary["global_density"] - 0.2) < 1e-3
+    assert summary["test_flops_multiplier"] < 0.3
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == [10, 20, 30, 40]
+  for field in ("loss", "accuracy", "learning_rate", "drop_fraction", "global_density",
+                "steps_per_s", "train_flops"):
+    assert field in lines[0]
+  assert lines[-1]["learning_rate"] == pytest.approx(0.1 * 0.2)
+  assert json.load(open(tmp_path / "config.json"))["dataset"] == dataset
+  assert json.load(open(tmp_path / "summary.json"))["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_cifar10_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  c = small_config(dataset="cifar10", model="lenet5", num_train_steps=4, log_every=2,
+                   batch_size=8, eval_batch_size=8, validation_size=16)
+  with tfds.testing.mock_data(num_examples=64):
+    summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary["steps"] == 4
+  assert 0.0 <= summary["test_accuracy"] <= 1.0
+  assert summary["layer_densities"]["conv1/kernel"] < 1.0
+
+
+def test_same_seed_same_numbers(tmp_path):
+  a = train.train_and_evaluate(small_config(num_train_steps=20), str(tmp_path / "a"))
+  b = train.train_and_evaluate(small_config(num_train_steps=20), str(tmp_path / "b"))
+  for key in ("test_accuracy", "val_accuracy", "test_loss", "layer_densities", "train_flops"):
+    assert a[key] == b[key]
+
+
+def test_kill_and_resume_is_exact(tmp_path):
+  args = ("--config.num_train_steps=300", "--config.checkpoint_every=50", "--config.log_every=50")
+  ref = run_main(tmp_path / "ref", *args)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  # Kill a second run with SIGKILL once it has written a checkpoint, then resume it.
+  proc = run_main(tmp_path / "killed", *args, wait=False)
+  ckpt_dir = tmp_path / "killed" / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if ckpt_dir.exists() and any(d.isdigit() and int(d) >= 100 for d in os.listdir(ckpt_dir)):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  resumed = run_main(tmp_path / "killed", *args)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "Resumed" in resumed.stderr
+  step_ref, leaves_ref = final_state(tmp_path / "ref")
+  step_res, leaves_res = final_state(tmp_path / "killed")
+  assert step_ref == step_res == 300
+  for a, b in zip(leaves_ref, leaves_res):
+    np.testing.assert_array_equal(a, b)
+  s_ref = json.load(open(tmp_path / "ref" / "summary.json"))
+  s_res = json.load(open(tmp_path / "killed" / "summary.json"))
+  assert s_ref["test_accuracy"] == s_res["test_accuracy"]
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "killed" / "metrics.jsonl")]
+  assert steps == sorted(set(steps))  # no duplicated lines after the resume
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+  proc = run_main(tmp_path, "--config.num_train_steps=100000", "--config.log_every=50",
+                  "--config.checkpoint_every=100000", wait=False)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert "preempted at step" in out
+  step, _ = final_state(tmp_path)
+  assert 0 < step < 100000
+
+
+def test_two_devices_match_one(tmp_path):
+  args = ("--config.num_train_steps=30", "--config.log_every=10")
+  one = run_main(tmp_path / "one", *args)
+  two = run_main(tmp_path / "two", *args,
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+  _, a = final_state(tmp_path / "one")
+  _, b = final_state(tmp_path / "two")
+  for x, y in zip(a, b):
+    if x.dtype == bool:
+      np.testing.assert_array_equal(x, y)
+    else:
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.model=resnet9", "config.model: must be one of"),
+    ("--config.dataset=svhn", "config.dataset: must be one of"),
+    ("--config.method=magic", "config.method: must be one of"),
+    ("--config.distribution=normal", "config.distribution: must be one of"),
+    ("--config.sparsity=1.0", "config.sparsity: must be a number in [0.0, 1.0)"),
+    ("--config.num_train_steps=-5", "config.num_train_steps: must be an int >= -1"),
+    ("--config.batch_size=0", "config.batch_size: must be an int >= 1"),
+    ("--config.dense_layers=('nomatch',)", "dense: pattern 'nomatch' matches no parameter"),
+])
+def test_bad_config_one_line_and_nothing_written(tmp_path, override, message):
+  workdir = tmp_path / "wd"
+  result = run_main(workdir, override)
+  assert result.returncode == 2
+  assert message in result.stderr
+  error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(error_lines) == 1
+  assert not workdir.exists()
+
+
+def test_batch_not_divisible_by_devices():
+  with pytest.raises(config_lib.ConfigError, match="config.batch_size: 50 is not divisible"):
+    config_lib.validate(small_config(), device_count=3)
+
+
+def test_unknown_override_key_is_rejected(tmp_path):
+  result = run_main(tmp_path / "wd", "--config.sparsty=0.5")
+  assert result.returncode != 0
+  assert "sparsty" in result.stderr
+  assert not (tmp_path / "wd").exists()
+
+
+def test_workdir_with_other_config_is_refused(tmp_path):
+  train.train_and_evaluate(small_config(num_train_steps=10), str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match="config.sparsity: the workdir"):
+    train.train_and_evaluate(small_config(num_train_steps=10, sparsity=0.5), str(tmp_path))
