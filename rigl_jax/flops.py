@@ -365,3 +365,74 @@ def multipliers(method: str, f_dense: float, f_sparse: float | None = None, *,
   else:
     test = f_final if f_final is not None else f_sparse
   return train / (3.0 * f_dense), test / f_dense
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def config_flops(c) -> dict:
+  """FLOPs of a trainer config at its initial sparsity distribution, without training.
+
+  For methods whose densities move during training (snfs, rigl_sg/sm, pruning) the
+  figures use the initial (pruning: final) distribution; a finished run's
+  ``summary.json`` holds the multipliers averaged over its real training.
+  """
+  import math  # pylint: disable=import-outside-toplevel
+
+  from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from rigl_jax import data, distributions, masks, models  # pylint: disable=import-outside-toplevel
+
+  config_lib.validate(c)
+  input_shape, num_classes = data.INPUT_SPECS[c.dataset]
+  model = models.get_model(c.model, num_classes=num_classes,
+                           width_multiplier=config_lib.width_multiplier(c))
+  sample = jax.ShapeDtypeStruct((1,) + tuple(input_shape), np.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample)
+  costs = layer_costs(model, variables, sample, train=False)
+  if c.method == "small_dense":  # dense total of the full-width model is the reference
+    full = models.get_model(c.model, num_classes=num_classes)
+    full_vars = jax.eval_shape(lambda x: full.init(jax.random.key(0), x, train=False), sample)
+    f_dense = forward_flops(layer_costs(full, full_vars, sample, train=False))
+  else:
+    f_dense = forward_flops(costs)
+  params = variables["params"]
+  if c.method in config_lib.DENSE_METHODS:
+    densities = {cost.path: 1.0 for cost in costs}
+  else:
+    sparsities = distributions.sparsity_distribution(
+        params, c.sparsity, c.distribution, dense=list(c.dense_layers) or None,
+        custom=dict(c.custom_sparsity) or None)
+    sizes = jax.tree.map(lambda p: math.prod(p.shape), params)
+    densities = {masks.path_to_str(path): masks.num_active(size, s) / size
+                 for (path, s), size in zip(jax.tree_util.tree_flatten_with_path(sparsities)[0],
+                                            jax.tree.leaves(sizes))}
+  f_sparse = forward_flops(costs, {k: v for k, v in densities.items()
+                                   if k in {cost.path for cost in costs}})
+  method = {"pruning_global": "pruning", "lottery": "static"}.get(c.method, c.method)
+  train_mult, test_mult = multipliers(method, f_dense, f_sparse, update_every=c.update_every,
+                                      train_scale=c.train_multiplier)
+  return {
+      "model": c.model, "dataset": c.dataset, "method": c.method,
+      "distribution": c.distribution, "sparsity": c.sparsity,
+      "dense_forward_flops": f_dense, "sparse_forward_flops": f_sparse,
+      "train_multiplier": train_mult, "test_multiplier": test_mult,
+      "layers": [{"path": cost.path, "density": densities.get(cost.path, 1.0),
+                  "dense_flops": layer_flops(cost),
+                  "sparse_flops": layer_flops(cost, densities.get(cost.path, 1.0))}
+                 for cost in costs],
+  }
+
+
+def main(argv):
+  del argv
+  import json  # pylint: disable=import-outside-toplevel
+  print(json.dumps(config_flops(_FLAGS.config), indent=2))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "A config file from configs/.")
+  flags.mark_flags_as_required(["config"])
+  _FLAGS = flags.FLAGS
+  app.run(main)

@@ -45,6 +45,10 @@ DEFAULT_VALIDATION_SIZE = {"mnist5k": 500, "mnist1d": 500, "mnist": 5000,
                            "cifar10": 5000, "cifar100": 5000, "imagenet2012": 10_000}
 _NUM_CLASSES = {"mnist5k": 10, "mnist1d": 10, "mnist": 10, "cifar10": 10,
                 "cifar100": 100}
+# Shape of one example and number of classes, known without reading the data.
+INPUT_SPECS = {"mnist5k": ((28, 28, 1), 10), "mnist1d": ((40,), 10),
+               "mnist": ((28, 28, 1), 10), "cifar10": ((32, 32, 3), 10),
+               "cifar100": ((32, 32, 3), 100), "imagenet2012": ((224, 224, 3), 1000)}
 _NORMALIZE = {
     "mnist": augment_lib.Normalize(augment_lib.MNIST_MEAN, augment_lib.MNIST_STD),
     "cifar10": augment_lib.Normalize(augment_lib.CIFAR10_MEAN, augment_lib.CIFAR10_STD),
