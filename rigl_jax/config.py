@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dense_layers = ()             # regexes of kernel paths forced dense
   c.custom_sparsity = {}          # {regex: sparsity} layers with their own sparsity
   c.source_workdir = ""           # lottery: a finished pruning run's workdir
+  c.distribution_source = ""      # a finished run's workdir: start from its final layer densities
   # Optimisation.
   c.batch_size = 128
   c.eval_batch_size = 500

@@ -370,6 +370,20 @@ def multipliers(method: str, f_dense: float, f_sparse: float | None = None, *,
 # ----------------------------------------------------------------------------- command line
 
 
+def model_costs(model: nn.Module, input_shape) -> list[LayerCost]:
+  """``layer_costs`` of a model at one example of ``input_shape``, nothing allocated."""
+  sample = jax.ShapeDtypeStruct((1,) + tuple(input_shape), np.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample)
+  return layer_costs(model, variables, sample, train=False)
+
+
+def reference_dense_flops(c, num_classes: int, input_shape) -> float:
+  """f_D of a config: the full-width dense model (Small-Dense is measured against it)."""
+  from rigl_jax import models  # pylint: disable=import-outside-toplevel
+  return forward_flops(model_costs(models.get_model(c.model, num_classes=num_classes),
+                                   input_shape))
+
+
 def config_flops(c) -> dict:
   """FLOPs of a trainer config at its initial sparsity distribution, without training.
 
@@ -386,16 +400,10 @@ def config_flops(c) -> dict:
   input_shape, num_classes = data.INPUT_SPECS[c.dataset]
   model = models.get_model(c.model, num_classes=num_classes,
                            width_multiplier=config_lib.width_multiplier(c))
+  costs = model_costs(model, input_shape)
+  f_dense = reference_dense_flops(c, num_classes, input_shape)
   sample = jax.ShapeDtypeStruct((1,) + tuple(input_shape), np.float32)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample)
-  costs = layer_costs(model, variables, sample, train=False)
-  if c.method == "small_dense":  # dense total of the full-width model is the reference
-    full = models.get_model(c.model, num_classes=num_classes)
-    full_vars = jax.eval_shape(lambda x: full.init(jax.random.key(0), x, train=False), sample)
-    f_dense = forward_flops(layer_costs(full, full_vars, sample, train=False))
-  else:
-    f_dense = forward_flops(costs)
-  params = variables["params"]
+  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample)["params"]
   if c.method in config_lib.DENSE_METHODS:
     densities = {cost.path: 1.0 for cost in costs}
   else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import time
 from typing import Any, NamedTuple
@@ -95,6 +96,24 @@ class GivenMasks(methods_lib.Static):
     return jax.tree.map(lambda m, p: jnp.asarray(m, bool).reshape(jnp.shape(p)), self.masks, params)
 
 
+def custom_from_run(c) -> dict[str, float]:
+  """Per-layer sparsities read from a finished run's ``summary.json`` (the report's
+  re-initialisation experiment): one anchored regex per layer, so every layer leaves
+  the budget with exactly the density it ended with (dense ones at 0.0)."""
+  path = os.path.join(c.distribution_source, "summary.json")
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(
+        f"config.distribution_source: {c.distribution_source!r} has no summary.json; it "
+        f"must be the workdir of a finished sparse run")
+  with open(path) as f:
+    summary = json.load(f)
+  if summary.get("model") != c.model or not summary.get("layer_densities"):
+    raise config_lib.ConfigError(
+        f"config.distribution_source: the run in {c.distribution_source!r} trained a sparse "
+        f"{summary.get('model')!r}; this run needs a sparse {c.model!r} run")
+  return {f"^{re.escape(p)}$": 1.0 - d for p, d in summary["layer_densities"].items()}
+
+
 def make_optimizer(c, *, total: int, lottery_masks=None) -> optax.GradientTransformation:
   """SGD (Nesterov) with kernel-only weight decay, wrapped for sparse training."""
   sgd = optax.inject_hyperparams(optax.sgd)(
@@ -115,7 +134,8 @@ def make_optimizer(c, *, total: int, lottery_masks=None) -> optax.GradientTransf
       drop_schedule=c.drop_schedule,
       skip_inner_update_on_mask_step=c.skip_inner_update_on_mask_step,
       dense=list(c.dense_layers) or None,
-      custom=dict(c.custom_sparsity) or None,
+      custom=(custom_from_run(c) if c.distribution_source
+              else dict(c.custom_sparsity) or None),
       seed=c.seed,
   )
 
@@ -370,7 +390,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       field = {"dense": "dense_layers", "custom": "custom_sparsity"}.get(
           str(e).split(":")[0], "model")
       raise config_lib.ConfigError(f"config.{field}: {e}") from None
-  costs = flops_lib.layer_costs(model, variables_shape, sample, train=False)
+  costs = flops_lib.model_costs(model, info.input_shape)
 
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -427,7 +447,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n}
 
   metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
-  f_dense = flops_lib.forward_flops(costs)
+  f_dense = flops_lib.reference_dense_flops(c, info.num_classes, info.input_shape)
   flops_method = {"pruning_global": "pruning", "lottery": "static"}.get(c.method, c.method)
   accumulator = flops_lib.FlopsAccumulator(costs)
   train_flops = float(metrics_log.last.get("train_flops", 0.0))

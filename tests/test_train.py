@@ -198,3 +198,23 @@ def test_workdir_with_other_config_is_refused(tmp_path):
   train.train_and_evaluate(small_config(num_train_steps=10), str(tmp_path))
   with pytest.raises(config_lib.ConfigError, match="config.sparsity: the workdir"):
     train.train_and_evaluate(small_config(num_train_steps=10, sparsity=0.5), str(tmp_path))
+
+
+def test_small_dense_scales_widths(tmp_path):
+  summary = train.train_and_evaluate(
+      small_config(method="small_dense", sparsity=0.75, num_train_steps=10), str(tmp_path))
+  # sqrt(1 - 0.75) = 0.5: hidden widths 150 and 50 instead of 300 and 100.
+  assert summary["global_density"] == 1.0
+  assert summary["test_flops_multiplier"] < 0.6
+  costs = json.load(open(tmp_path / "summary.json"))
+  assert costs["sparse_forward_flops"] < 0.6 * costs["dense_forward_flops"]
+
+
+def test_distribution_from_a_finished_run(tmp_path):
+  source = train.train_and_evaluate(
+      small_config(num_train_steps=10, sparsity=0.8, distribution="er"), str(tmp_path / "src"))
+  again = train.train_and_evaluate(
+      small_config(num_train_steps=10, sparsity=0.8, distribution="uniform",
+                   distribution_source=str(tmp_path / "src")), str(tmp_path / "again"))
+  for path, density in source["layer_densities"].items():
+    assert again["layer_densities"][path] == pytest.approx(density, abs=1e-6)
