@@ -6,7 +6,7 @@ optax and numpy only; models, data and the trainer live in their own modules.
 
 from rigl_jax.distributions import DISTRIBUTIONS, sparsity_distribution
 from rigl_jax.masks import global_density, layer_densities, random_masks, sparsifiable
-from rigl_jax.methods import METHODS, Method, get_method
+from rigl_jax.methods import METHODS, Method, UpdateContext, get_method, redistribute_counts
 from rigl_jax.transform import (
     SparseTrainingState,
     apply_masks,

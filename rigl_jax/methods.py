@@ -6,14 +6,23 @@ the optimizer itself. The transform asks it for:
 * ``initial_masks(key, params, sparsities)``: the masks at step 0;
 * ``init(params, masks)`` / ``observe(state, grads, masks)``: a method state and
   its per-step update (e.g. a dense gradient momentum), both optional;
+* ``is_update_step(step, ...)``: whether this step changes the masks (default:
+  every ``update_every`` steps while below ``end_step``);
 * ``update(ctx, state)``: on a mask-update step, the new masks. Connections
-  active in both the old and new mask keep their weight and optimizer state;
-  every other one (dropped or newly grown) restarts from zero.
+  active in both the old and new mask keep their weight; every other one
+  (dropped or newly grown) has weight 0 afterwards;
+* ``keep_inner_state(old_masks, new_masks)``: which connections keep their inner
+  optimizer state across the update (the rest restart from zero).
 
 Class attributes tell the transform what the method needs:
 ``updates_masks`` (False: never call ``update``), ``dense_inner_gradients``
 (True: the inner optimizer sees dense gradients and keeps dense momentum).
 New methods subclass :class:`Method` and are registered in ``METHODS``.
+
+The methods here: ``static``, ``set``, ``rigl`` (fixed per-layer counts);
+``snfs``, ``rigl_sg``, ``rigl_sm`` (per-layer counts move between layers, the
+global count is fixed, see :func:`redistribute_counts`); ``pruning`` and
+``pruning_global`` (dense-to-sparse gradual magnitude pruning).
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rigl_jax import masks as masks_lib
+from rigl_jax import schedules
 
 PyTree = Any
 
@@ -39,12 +50,51 @@ class UpdateContext(NamedTuple):
   grads: PyTree               # DENSE gradients of this step
   sparsities: PyTree          # static per-leaf target sparsities (floats)
   max_drop_fraction: float    # static upper bound of drop_fraction
+  # The transform's static schedule, for methods whose targets depend on it
+  # (gradual pruning). None only where a caller built the context by hand.
+  start_step: int | None = None
+  end_step: int | None = None
+  update_every: int | None = None
+
+
+# Below every real score: marks entries a top-k must not pick.
+_LOWEST = float(jnp.finfo(jnp.float32).min)
 
 
 def _flat_top_k(scores: jax.Array, k: int) -> jax.Array:
   """Indices of the ``k`` largest scores (ties: lower index first, as lax.top_k does)."""
   _, idx = jax.lax.top_k(scores, k)
   return idx
+
+
+def drop_smallest(mask: jax.Array, magnitude: jax.Array, n_drop: jax.Array,
+                  max_drop: int) -> jax.Array:
+  """Flat mask with its ``n_drop`` smallest-``magnitude`` active entries switched off.
+
+  ``max_drop`` is a static bound on ``n_drop`` (the top-k size); ``n_drop`` may
+  be traced. Ties go to the lower index.
+  """
+  max_drop = min(int(max_drop), mask.size)
+  if max_drop == 0:
+    return mask
+  selected = jnp.arange(max_drop) < n_drop
+  idx = _flat_top_k(jnp.where(mask, -magnitude.astype(jnp.float32), _LOWEST), max_drop)
+  return mask.at[idx].set(mask[idx] & ~selected)
+
+
+def grow_largest(mask: jax.Array, score: jax.Array, n_grow: jax.Array,
+                 max_grow: int) -> jax.Array:
+  """Flat mask with the ``n_grow`` largest-``score`` inactive entries switched on.
+
+  Scores must be >= 0 (magnitudes, uniform draws) so that every inactive entry
+  ranks above the active ones. ``max_grow`` is a static bound on ``n_grow``.
+  """
+  max_grow = min(int(max_grow), mask.size)
+  if max_grow == 0:
+    return mask
+  selected = jnp.arange(max_grow) < n_grow
+  idx = _flat_top_k(jnp.where(mask, _LOWEST, score.astype(jnp.float32)), max_grow)
+  return mask.at[idx].set(mask[idx] | selected)
 
 
 def drop_and_grow(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
@@ -62,20 +112,9 @@ def drop_and_grow(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
     start from zero.
   """
   shape = mask.shape
-  mask = mask.reshape(-1)
-  if max_drop == 0:
-    return mask.reshape(shape)
-  lowest = jnp.finfo(jnp.float32).min
-  selected = jnp.arange(max_drop) < n_drop
-
-  magnitude = jnp.abs(weight.reshape(-1)).astype(jnp.float32)
-  drop_idx = _flat_top_k(jnp.where(mask, -magnitude, lowest), max_drop)
-  after_drop = mask.at[drop_idx].set(mask[drop_idx] & ~selected)
-
-  score = grow_score.reshape(-1).astype(jnp.float32)
-  grow_idx = _flat_top_k(jnp.where(after_drop, lowest, score), max_drop)
-  grown = jnp.zeros_like(mask).at[grow_idx].set(selected)
-  return (after_drop | grown).reshape(shape)
+  flat = drop_smallest(mask.reshape(-1), jnp.abs(weight.reshape(-1)), n_drop, max_drop)
+  flat = grow_largest(flat, grow_score.reshape(-1), n_drop, max_drop)
+  return flat.reshape(shape)
 
 
 class Method:
@@ -95,8 +134,27 @@ class Method:
     del grads, masks
     return state
 
+  def is_update_step(self, step, *, update_every: int, start_step: int, end_step: int):
+    """Whether ``step`` changes the masks (traced bool); gradual pruning overrides it."""
+    return schedules.is_update_step(
+        step, update_every=update_every, start_step=start_step, end_step=end_step)
+
   def update(self, ctx: UpdateContext, state):
     return ctx.masks, state
+
+  def keep_inner_state(self, old_masks: PyTree, new_masks: PyTree) -> PyTree:
+    """Bool pytree: connections whose inner optimizer state survives a mask update.
+
+    Sparse inner gradients (RigL, SET): only connections active before and after
+    keep their state; a grown one starts with zero momentum, as the RigL paper
+    does. Dense inner gradients (SNFS, pruning): the state tracks the dense
+    gradient of every connection whatever the mask, so nothing is reset; for SNFS
+    that momentum is exactly the signal a connection was grown for. The new
+    weight itself still starts at 0 either way.
+    """
+    if self.dense_inner_gradients:
+      return jax.tree.map(jnp.ones_like, new_masks)
+    return jax.tree.map(jnp.logical_and, old_masks, new_masks)
 
 
 class DropAndGrow(Method):
@@ -147,7 +205,301 @@ class Static(Method):
   name = "static"
 
 
-METHODS: dict[str, type[Method]] = {"static": Static, "set": SET, "rigl": RigL}
+def redistribute_counts(total, scores, capacities) -> jax.Array:
+  """Splits ``total`` connections across layers in proportion to ``scores``.
+
+  Each layer is capped at its capacity and the excess is spread over the other
+  layers, in proportion to their scores again (water-filling): a layer whose
+  share exceeds its capacity is fixed at it and the rest is shared anew among
+  the layers left. Shares only grow when a layer leaves, so at most one round
+  per layer is needed (a static loop). The real shares are then rounded by
+  largest remainder (ties: lower layer index), and a last greedy pass moves the
+  few units that float32 rounding may leave over, so the sum is always exact.
+  If no layer left has a positive score, the rest goes by spare capacity.
+
+  Args:
+    total: int scalar (may be traced), at most ``sum(capacities)``.
+    scores: float ``[L]``, >= 0 (non-finite or negative scores count as 0).
+    capacities: int ``[L]``, >= 0.
+
+  Returns:
+    int32 ``[L]`` counts with ``0 <= counts <= capacities`` and ``sum == total``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> redistribute_counts(10, jnp.array([8.0, 1.0, 1.0]), jnp.array([2, 20, 20])).tolist()
+    [2, 4, 4]
+  """
+  scores = jnp.asarray(scores, jnp.float32)
+  scores = jnp.where(jnp.isfinite(scores) & (scores > 0), scores, 0.0)
+  caps = jnp.asarray(capacities, jnp.int32)
+  cap_f = caps.astype(jnp.float32)
+  total = jnp.asarray(total, jnp.int32)
+
+  def shares(fixed):
+    remaining = jnp.maximum(total.astype(jnp.float32) - jnp.sum(jnp.where(fixed, cap_f, 0.0)), 0.0)
+    weight = jnp.where(fixed, 0.0, scores)
+    weight = jnp.where(weight.sum() > 0, weight, jnp.where(fixed, 0.0, cap_f))
+    share = remaining * weight / jnp.maximum(weight.sum(), jnp.finfo(jnp.float32).tiny)
+    return jnp.where(fixed, cap_f, share)
+
+  fixed = jnp.zeros(scores.shape, bool)
+  for _ in range(scores.shape[0]):
+    fixed = fixed | (shares(fixed) > cap_f)
+  share = jnp.clip(shares(fixed), 0.0, cap_f)
+
+  def exclusive_cumsum(x):
+    return jnp.cumsum(x) - x
+
+  counts = jnp.clip(jnp.floor(share).astype(jnp.int32), 0, caps)
+  remainder = share - counts.astype(jnp.float32)
+  deficit = total - counts.sum()
+  # Units still to place: largest remainder first, each layer up to its capacity.
+  order = jnp.argsort(-remainder, stable=True)
+  spare = (caps - counts)[order]
+  counts = counts.at[order].add(jnp.clip(deficit - exclusive_cumsum(spare), 0, spare))
+  # Units placed too many (only after float32 overshoot): smallest remainder first.
+  order = jnp.argsort(remainder, stable=True)
+  held = counts[order]
+  return counts.at[order].add(-jnp.clip(-deficit - exclusive_cumsum(held), 0, held))
+
+
+class RedistributingDropAndGrow(DropAndGrow):
+  """Drop per layer, regrow the same total across layers by a layer score (SNFS).
+
+  On an update, every sparse layer ``l`` with ``n_l`` active weights drops its
+  ``k_l = floor(f * n_l)`` smallest magnitudes, as RigL does. The total
+  ``K = sum k_l`` is then regrown, layer ``l`` receiving a share proportional to
+  its score, the mean ``|layer_signal|`` over its active weights (before the
+  drop), capped at its free slots ``N_l - n_l + k_l`` (see
+  :func:`redistribute_counts`). Within a layer the largest ``grow_scores`` among
+  the inactive connections are grown. So layer densities move while the global
+  active count stays exact; layers the distribution made dense (sparsity 0) are
+  neither touched nor counted.
+  """
+
+  def layer_signal(self, ctx: UpdateContext, state) -> PyTree:
+    """Per-parameter values whose mean magnitude over active weights scores a layer."""
+    raise NotImplementedError
+
+  def update(self, ctx: UpdateContext, state):
+    leaves, treedef = jax.tree.flatten(ctx.masks)
+    sparsities = treedef.flatten_up_to(ctx.sparsities)
+    ids = [i for i, s in enumerate(sparsities) if s > 0.0]
+    if not ids:
+      return ctx.masks, state
+    weights = treedef.flatten_up_to(ctx.params)
+    grow_scores = treedef.flatten_up_to(self.grow_scores(ctx, state))
+    signals = treedef.flatten_up_to(self.layer_signal(ctx, state))
+    # Static top-k bounds: the redistributed layers hold `budget` weights in all,
+    # so a layer holds at most min(N_l, budget) and at most
+    # ceil(max_f * budget) are dropped (and regrown) in all.
+    budget = sum(masks_lib.num_active(leaves[i].size, sparsities[i]) for i in ids)
+    max_total = min(budget, math.ceil(ctx.max_drop_fraction * budget))
+
+    after_drop, n_drop, capacity, layer_score = [], [], [], []
+    for i in ids:
+      mask = leaves[i].reshape(-1)
+      size = mask.size
+      n = mask.sum(dtype=jnp.int32)
+      held_max = min(size, budget)
+      max_drop = min(held_max, math.ceil(ctx.max_drop_fraction * held_max))
+      k = jnp.minimum(jnp.floor(ctx.drop_fraction * n).astype(jnp.int32), max_drop)
+      after_drop.append(drop_smallest(mask, jnp.abs(weights[i].reshape(-1)), k, max_drop))
+      n_drop.append(k)
+      capacity.append(size - n + k)
+      signal = jnp.abs(signals[i].reshape(-1)).astype(jnp.float32)
+      layer_score.append(jnp.sum(jnp.where(mask, signal, 0.0)) / jnp.maximum(n, 1))
+
+    n_grow = redistribute_counts(
+        jnp.sum(jnp.stack(n_drop)), jnp.stack(layer_score), jnp.stack(capacity))
+    new_masks = list(leaves)
+    for j, i in enumerate(ids):
+      grown = grow_largest(after_drop[j], grow_scores[i].reshape(-1), n_grow[j],
+                           min(leaves[i].size, max_total))
+      new_masks[i] = grown.reshape(leaves[i].shape)
+    return treedef.unflatten(new_masks), state
+
+
+class _GradientMomentum(Method):
+  """Keeps an exponential moving average of the DENSE gradient as method state.
+
+  ``m <- beta * m + (1 - beta) * g`` every step (in ``observe``), float32. The
+  ``(1 - beta)`` factor (PyTorch's momentum buffer has none) scales every layer
+  alike, so it changes neither growth ranks nor redistribution proportions.
+  """
+
+  def __init__(self, momentum: float = 0.9):
+    if not 0.0 <= float(momentum) < 1.0:
+      raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
+    self.momentum = float(momentum)
+
+  def init(self, params, masks):
+    del masks
+    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+
+  def observe(self, state, grads, masks):
+    del masks
+    beta = self.momentum
+    return jax.tree.map(lambda m, g: beta * m + (1.0 - beta) * g.astype(jnp.float32),
+                        state, grads)
+
+
+class SNFS(_GradientMomentum, RedistributingDropAndGrow):
+  """Sparse Networks From Scratch (Dettmers & Zettlemoyer 2019).
+
+  Grows where the dense gradient momentum is largest in magnitude and
+  redistributes the active weights across layers by mean |momentum| over each
+  layer's active weights. The inner optimizer sees dense gradients every step,
+  so its momentum is dense too; that momentum is kept for grown connections
+  (see :meth:`Method.keep_inner_state`). The reference drop fraction (prune
+  rate) is 0.5 with cosine decay: pass ``drop_fraction=0.5`` to the transform.
+  """
+  name = "snfs"
+  dense_inner_gradients = True
+
+  def grow_scores(self, ctx, state):
+    return jax.tree.map(jnp.abs, state)
+
+  def layer_signal(self, ctx, state):
+    return state
+
+
+class RigLSG(RedistributingDropAndGrow):
+  """RigL plus redistribution by each layer's mean |gradient| over active weights."""
+  name = "rigl_sg"
+
+  def grow_scores(self, ctx, state):
+    return jax.tree.map(jnp.abs, ctx.grads)
+
+  def layer_signal(self, ctx, state):
+    return ctx.grads
+
+
+class RigLSM(_GradientMomentum, RedistributingDropAndGrow):
+  """RigL plus redistribution by each layer's mean |momentum| over active weights.
+
+  The momentum is the method's own EMA of the dense gradient; the inner
+  optimizer still sees masked gradients, as in RigL.
+  """
+  name = "rigl_sm"
+
+  def grow_scores(self, ctx, state):
+    return jax.tree.map(jnp.abs, ctx.grads)
+
+  def layer_signal(self, ctx, state):
+    return state
+
+
+def _pruning_counts(size: int, final_sparsity: float, steps, start_step: int, end_step: int,
+                    power: float) -> np.ndarray:
+  """Exact active counts ``round((1 - s(t)) * size)`` at each pruning step, in float64."""
+  return np.array([
+      masks_lib.num_active(size, schedules.polynomial_sparsity(
+          int(t), initial=0.0, final=final_sparsity, start_step=start_step,
+          end_step=end_step, power=power))
+      for t in steps], np.int32)
+
+
+def _max_decrease(size: int, counts: np.ndarray) -> int:
+  """Largest drop between consecutive pruning steps (from dense): the static top-k size."""
+  before = np.concatenate([[size], counts[:-1]])
+  return max(0, int(np.max(before - counts)))
+
+
+class MagnitudePruning(Method):
+  """Gradual magnitude pruning, dense to sparse (Zhu & Gupta 2017).
+
+  Masks start all True. On every pruning step ``t`` (every ``update_every`` steps
+  after ``start_step`` and always at ``end_step``, see
+  :func:`schedules.pruning_steps`) the smallest-magnitude active weights are
+  removed until the target is met; nothing ever grows back.
+
+  * ``scope="layer"`` (the original): layer ``l`` holds exactly
+    ``round((1 - s_l(t)) * N_l)`` weights, ``s_l(t)`` the cubic
+    :func:`schedules.polynomial_sparsity` from 0 at ``start_step`` to the
+    distribution's ``s_l`` at ``end_step``.
+  * ``scope="global"`` (the report's variant): one magnitude threshold across all
+    sparse layers; their total holds exactly ``round((1 - S(t)) * N)``, the cubic
+    going from 0 to the sparsity that leaves the distribution's total count, so
+    the final parameter count equals the sparse-from-scratch methods'.
+
+  Layers with sparsity 0 stay dense. The inner optimizer sees dense gradients
+  (dense momentum) and its state is never reset. Targets are static tables
+  computed in float64 at trace time and indexed by the step.
+  """
+  name = "pruning"
+  updates_masks = True
+  dense_inner_gradients = True
+  SCOPES = ("layer", "global")
+
+  def __init__(self, scope: str = "layer", power: float = 3.0):
+    if scope not in self.SCOPES:
+      raise ValueError(f"scope must be one of {self.SCOPES}, got {scope!r}.")
+    self.scope = scope
+    self.power = float(power)
+
+  def initial_masks(self, key, params, sparsities):
+    del key, sparsities
+    return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+
+  def is_update_step(self, step, *, update_every: int, start_step: int, end_step: int):
+    return schedules.is_pruning_step(
+        step, update_every=update_every, start_step=start_step, end_step=end_step)
+
+  def update(self, ctx: UpdateContext, state):
+    if ctx.start_step is None or ctx.end_step is None or ctx.update_every is None:
+      raise ValueError("pruning needs start_step, end_step and update_every in the "
+                       "UpdateContext (sparse_training fills them in).")
+    schedule = dict(start_step=ctx.start_step, end_step=ctx.end_step)
+    steps = schedules.pruning_steps(update_every=ctx.update_every, **schedule)
+    # The current step is one of `steps` (is_update_step chose it).
+    index = jnp.clip(jnp.searchsorted(jnp.asarray(steps, jnp.int32), ctx.step),
+                     0, len(steps) - 1)
+    leaves, treedef = jax.tree.flatten(ctx.masks)
+    sparsities = treedef.flatten_up_to(ctx.sparsities)
+    weights = treedef.flatten_up_to(ctx.params)
+    ids = [i for i, s in enumerate(sparsities) if s > 0.0]
+    if not ids:
+      return ctx.masks, state
+    new_masks = list(leaves)
+
+    def prune(mask, weight, counts, size):
+      n_drop = jnp.maximum(mask.sum(dtype=jnp.int32) - jnp.asarray(counts)[index], 0)
+      return drop_smallest(mask, jnp.abs(weight), n_drop, _max_decrease(size, counts))
+
+    if self.scope == "layer":
+      for i in ids:
+        size = leaves[i].size
+        counts = _pruning_counts(size, sparsities[i], steps, power=self.power, **schedule)
+        flat = prune(leaves[i].reshape(-1), weights[i].reshape(-1), counts, size)
+        new_masks[i] = flat.reshape(leaves[i].shape)
+    else:
+      sizes = [leaves[i].size for i in ids]
+      size = sum(sizes)
+      final = sum(masks_lib.num_active(leaves[i].size, sparsities[i]) for i in ids)
+      counts = _pruning_counts(size, 1.0 - final / size, steps, power=self.power, **schedule)
+      flat = prune(jnp.concatenate([leaves[i].reshape(-1) for i in ids]),
+                   jnp.concatenate([weights[i].reshape(-1).astype(jnp.float32) for i in ids]),
+                   counts, size)
+      for i, part in zip(ids, jnp.split(flat, np.cumsum(sizes)[:-1])):
+        new_masks[i] = part.reshape(leaves[i].shape)
+    return treedef.unflatten(new_masks), state
+
+
+class GlobalMagnitudePruning(MagnitudePruning):
+  """:class:`MagnitudePruning` with one global magnitude threshold (``scope="global"``)."""
+  name = "pruning_global"
+
+  def __init__(self, scope: str = "global", power: float = 3.0):
+    super().__init__(scope=scope, power=power)
+
+
+METHODS: dict[str, type[Method]] = {
+    "static": Static, "set": SET, "rigl": RigL,
+    "snfs": SNFS, "rigl_sg": RigLSG, "rigl_sm": RigLSM,
+    "pruning": MagnitudePruning, "pruning_global": GlobalMagnitudePruning,
+}
 
 
 def get_method(method: str | Method) -> Method:

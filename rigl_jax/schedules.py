@@ -55,9 +55,32 @@ def max_drop_fraction(schedule: str | Callable, initial: float) -> float:
 
 def polynomial_sparsity(step, *, initial: float, final: float, start_step: int,
                         end_step: int, power: float = 3.0):
-  """Zhu & Gupta's target sparsity ``s_f + (s_i - s_f) * (1 - progress)^power``."""
-  progress = jnp.clip((step - start_step) / max(end_step - start_step, 1), 0.0, 1.0)
+  """Zhu & Gupta's target sparsity ``s_f + (s_i - s_f) * (1 - progress)^power``.
+
+  A jax array (or tracer) step gives a jax float32 result; a Python or numpy
+  step gives a numpy float64 one, so static tables of exact counts can be built
+  from the same formula without float32 rounding.
+  """
+  xp = jnp if isinstance(step, jnp.ndarray) else np
+  progress = xp.clip((step - start_step) / max(end_step - start_step, 1), 0.0, 1.0)
   return final + (initial - final) * (1.0 - progress) ** power
+
+
+def pruning_steps(*, update_every: int, start_step: int, end_step: int) -> np.ndarray:
+  """The steps on which gradual pruning prunes: ``start_step + k * update_every``
+  (k >= 1) up to and including ``end_step``, and ``end_step`` itself always, so the
+  final target is reached exactly there even when the interval does not divide
+  ``end_step - start_step``.
+  """
+  grid = np.arange(start_step + update_every, end_step + 1, update_every)
+  return np.union1d(grid, [end_step]).astype(np.int64)
+
+
+def is_pruning_step(step, *, update_every: int, start_step: int, end_step: int):
+  """True on the steps :func:`pruning_steps` lists (works on traced steps)."""
+  since = step - start_step
+  on_grid = (since > 0) & (since % update_every == 0) & (step <= end_step)
+  return on_grid | (step == end_step)
 
 
 def num_update_steps(*, update_every: int, start_step: int, end_step: int) -> int:

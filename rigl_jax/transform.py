@@ -119,12 +119,14 @@ def sparse_training(
 
   Args:
     inner: any optax transformation (``optax.sgd``, a chain, inject_hyperparams...).
-    method: ``"static"``, ``"set"``, ``"rigl"`` (see ``rigl_jax.methods.METHODS``)
-      or a :class:`rigl_jax.methods.Method`.
+    method: ``"static"``, ``"set"``, ``"rigl"``, ``"snfs"``, ``"rigl_sg"``,
+      ``"rigl_sm"``, ``"pruning"``, ``"pruning_global"`` (see
+      ``rigl_jax.methods.METHODS``) or a :class:`rigl_jax.methods.Method`.
     sparsity: overall sparsity in [0, 1) of the sparsified layers.
     distribution: ``"uniform"``, ``"er"`` or ``"erk"``.
     update_every: steps between mask updates (dT).
-    end_step: no mask update at or after this step (T_end).
+    end_step: no mask update at or after this step (T_end); for pruning, the
+      step at which the final sparsity is reached (pruning happens there too).
     drop_fraction: the drop fraction at ``start_step`` (alpha).
     drop_schedule: ``"cosine"``, ``"constant"`` or ``fn(step) -> fraction``.
     start_step: first step counted by the schedules.
@@ -207,21 +209,24 @@ def sparse_training(
           drop_fraction=jnp.asarray(drop_fraction_fn(state.step), jnp.float32),
           masks=masks, params=params, grads=grads,
           sparsities=layer_sparsities(params),
-          max_drop_fraction=max_drop_fraction)
+          max_drop_fraction=max_drop_fraction,
+          start_step=start_step, end_step=end_step, update_every=update_every)
       new_masks, new_method_state = method.update(ctx, method_state)
-      # Surviving connections keep weight and optimizer state; the rest restart at 0.
+      # Surviving connections keep their weight; the rest restart at 0. Which
+      # connections keep their optimizer state is the method's call.
       survivors = jax.tree.map(jnp.logical_and, new_masks, masks)
+      keep_state = method.keep_inner_state(masks, new_masks)
       if skip_inner_update_on_mask_step:
         updates = jax.tree.map(jnp.zeros_like, params)
         inner_state = state.inner_state
       else:
         updates, inner_state = inner.update(inner_grads, state.inner_state, params, **extra_args)
-      inner_state = reset_param_like(inner_state, params, survivors)
+      inner_state = reset_param_like(inner_state, params, keep_state)
       return (_masked_updates(updates, params, survivors), inner_state, new_masks,
               new_method_state)
 
     if method.updates_masks:
-      is_update = schedules.is_update_step(
+      is_update = method.is_update_step(
           state.step, update_every=update_every, start_step=start_step, end_step=end_step)
       updates, inner_state, masks, method_state = jax.lax.cond(
           is_update, mask_step, inner_step, None)
