@@ -218,3 +218,34 @@ def test_distribution_from_a_finished_run(tmp_path):
                    distribution_source=str(tmp_path / "src")), str(tmp_path / "again"))
   for path, density in source["layer_densities"].items():
     assert again["layer_densities"][path] == pytest.approx(density, abs=1e-6)
+
+
+def test_pruning_then_lottery_ticket(tmp_path):
+  pruned = train.train_and_evaluate(
+      small_config(method="pruning", sparsity=0.8, num_train_steps=40, end_step=30),
+      str(tmp_path / "pruning"))
+  assert abs(pruned["global_density"] - 0.2) < 1e-3
+  ticket = train.train_and_evaluate(
+      small_config(method="lottery", sparsity=0.8, num_train_steps=20,
+                   source_workdir=str(tmp_path / "pruning")), str(tmp_path / "lottery"))
+  # The ticket trains with the pruning run's final mask, held static.
+  assert ticket["layer_densities"] == pruned["layer_densities"]
+  with ocp.StandardCheckpointer() as ckptr:
+    masks = ckptr.restore(str(tmp_path / "pruning" / "final_masks"))
+    ticket_masks = ckptr.restore(str(tmp_path / "lottery" / "final_masks"))
+  for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(ticket_masks)):
+    np.testing.assert_array_equal(a, b)
+  # ... starting from the pruning run's original initial weights, masked.
+  with ocp.StandardCheckpointer() as ckptr:
+    init_pruning = ckptr.restore(str(tmp_path / "pruning" / "initial_params"))
+    init_ticket = ckptr.restore(str(tmp_path / "lottery" / "initial_params"))
+  for p0, p1, m in zip(jax.tree.leaves(init_pruning), jax.tree.leaves(init_ticket),
+                       jax.tree.leaves(masks)):
+    np.testing.assert_array_equal(np.where(m, p0, 0), p1)
+
+
+def test_lottery_source_must_exist(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="config.source_workdir"):
+    train.train_and_evaluate(small_config(method="lottery", source_workdir=str(tmp_path / "x")),
+                             str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
