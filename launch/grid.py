@@ -1,0 +1,297 @@
+"""Runs of a sweep: config files, typed overrides, the product grid and run names.
+
+A run is a dict of config overrides (``{"method": "rigl", "sparsity": 0.9, "seed": 0}``)
+on top of a config file's ``get_config()``; its workdir is ``SWEEP_DIR/NAME`` where NAME
+lists the overrides in a fixed order::
+
+    method=rigl,distribution=erk,sparsity=0.9,seed=0
+
+The same overrides always give the same name, so a rerun of a sweep finds its runs.
+``sweep.json`` in the sweep directory records the config, the overrides shared by all
+runs and every run, so the report knows which runs were asked for.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import re
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+from rigl_jax import config as config_lib
+
+# Keys first in a run name, in this order; other keys follow sorted; the seed comes last.
+NAME_ORDER = ("method", "distribution", "sparsity", "train_multiplier", "learning_rate",
+              "drop_fraction", "update_every")
+MANIFEST = "sweep.json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of a sweep."""
+  name: str                  # the workdir's base name, from the overrides
+  overrides: dict            # {config field: value}, this run only
+  workdir: str               # SWEEP_DIR/name
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def load_config_module(path: str):
+  """Imports a ``configs/*.py`` file by path (it must define ``get_config()``)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  name = "launch_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path!r} has no get_config()")
+  return module
+
+
+def parse_value(text: str, reference: Any) -> Any:
+  """A command-line string as a value of ``reference``'s type (bool, int, float, str,
+  tuple/list via ``ast.literal_eval``)."""
+  if isinstance(reference, bool):
+    lowered = text.strip().lower()
+    if lowered not in ("true", "false", "1", "0"):
+      raise ValueError(f"expected True or False, got {text!r}")
+    return lowered in ("true", "1")
+  if isinstance(reference, int):
+    return int(text)
+  if isinstance(reference, float):
+    return float(text)
+  if isinstance(reference, (tuple, list)):
+    value = ast.literal_eval(text)
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  if isinstance(reference, str):
+    return text
+  return ast.literal_eval(text)
+
+
+def coerce(key: str, value: Any, base: ml_collections.ConfigDict | None = None) -> Any:
+  """``value`` with the type of field ``key`` (an int for a float field becomes a float,
+  a string is parsed), so that equal settings get equal names."""
+  base = base if base is not None else config_lib.base_config()
+  if key not in base:
+    raise ValueError(f"unknown config field {key!r}; known fields: {', '.join(sorted(base))}")
+  reference = base[key]
+  if isinstance(value, str) and not isinstance(reference, str):
+    return parse_value(value, reference)
+  if isinstance(reference, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(reference, (tuple, list)) and isinstance(value, list):
+    return tuple(value)
+  return value
+
+
+def normalize(overrides: dict, base: ml_collections.ConfigDict | None = None) -> dict:
+  """Every override coerced to its field's type (raises on unknown fields)."""
+  return {k: coerce(k, v, base) for k, v in overrides.items()}
+
+
+def parse_assignments(assignments: Iterable[str],
+                      base: ml_collections.ConfigDict | None = None) -> dict:
+  """``["num_train_steps=20", "method=set"]`` -> typed overrides."""
+  out = {}
+  for item in assignments or ():
+    if "=" not in item:
+      raise ValueError(f"expected KEY=VALUE, got {item!r}")
+    key, text = item.split("=", 1)
+    out[key.strip()] = coerce(key.strip(), text, base)
+  return out
+
+
+def apply_overrides(config: ml_collections.ConfigDict, *override_dicts: dict):
+  """A copy of ``config`` with the overrides set (later dicts win)."""
+  c = ml_collections.ConfigDict(config)
+  for overrides in override_dicts:
+    for key, value in overrides.items():
+      if key not in c:
+        raise ValueError(f"unknown config field {key!r}")
+      c[key] = value
+  return c
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def format_value(value: Any) -> str:
+  """The text of one value in a run name (floats via repr: ``0.9``, ``2.0``)."""
+  if isinstance(value, bool):
+    text = str(value)
+  elif isinstance(value, float):
+    text = repr(value)
+  elif isinstance(value, (tuple, list)):
+    text = "-".join(format_value(v) for v in value)
+  else:
+    text = str(value)
+  return _UNSAFE.sub("_", text)
+
+
+def _key_rank(key: str):
+  if key == "seed":
+    return (2, 0, key)
+  if key in NAME_ORDER:
+    return (0, NAME_ORDER.index(key), key)
+  return (1, 0, key)
+
+
+def ordered_items(overrides: dict) -> list[tuple[str, Any]]:
+  return sorted(overrides.items(), key=lambda kv: _key_rank(kv[0]))
+
+
+def run_name(overrides: dict) -> str:
+  """``method=rigl,distribution=erk,sparsity=0.9,seed=0``; ``default`` for no overrides."""
+  if not overrides:
+    return "default"
+  return ",".join(f"{k}={format_value(v)}" for k, v in ordered_items(overrides))
+
+
+def parse_run_name(name: str) -> dict:
+  """Best-effort inverse of :func:`run_name` (values typed via the base config)."""
+  out = {}
+  if name == "default":
+    return out
+  base = config_lib.base_config()
+  for part in name.split(","):
+    if "=" not in part:
+      return {}
+    key, text = part.split("=", 1)
+    try:
+      out[key] = coerce(key, text, base)
+    except (ValueError, SyntaxError):
+      out[key] = text
+  return out
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def product_grid(*, methods: Sequence[str] = (), distributions: Sequence[str] = (),
+                 sparsities: Sequence[float] = (), train_multipliers: Sequence[float] = (),
+                 seeds: Sequence[int] = (0,)) -> list[dict]:
+  """methods x distributions x sparsities x training multipliers x seeds.
+
+  An empty axis is left to the config (and out of the names). ``dense`` ignores the
+  distribution and runs at sparsity 0.0; ``small_dense`` ignores the distribution.
+  Duplicates this creates are dropped; the order is stable.
+  """
+  axes = [("method", list(methods)), ("distribution", list(distributions)),
+          ("sparsity", [float(s) for s in sparsities]),
+          ("train_multiplier", [float(m) for m in train_multipliers]),
+          ("seed", [int(s) for s in seeds])]
+  axes = [(k, v) for k, v in axes if v]
+  runs, seen = [], set()
+  for values in itertools.product(*(v for _, v in axes)):
+    run = dict(zip((k for k, _ in axes), values))
+    if run.get("method") in config_lib.DENSE_METHODS:
+      run.pop("distribution", None)
+      if run["method"] == "dense" and "sparsity" in run:
+        run["sparsity"] = 0.0
+    key = run_name(run)
+    if key not in seen:
+      seen.add(key)
+      runs.append(run)
+  return runs
+
+
+def with_seeds(runs: Sequence[dict], seeds: Sequence[int]) -> list[dict]:
+  """Replaces the seeds of ``runs``: every distinct setting once per seed in ``seeds``."""
+  settings, seen = [], set()
+  for run in runs:
+    setting = {k: v for k, v in run.items() if k != "seed"}
+    key = run_name(setting)
+    if key not in seen:
+      seen.add(key)
+      settings.append(setting)
+  return [dict(setting, seed=int(seed)) for seed in seeds for setting in settings]
+
+
+# The report's learning-rate grid (Section 5.3): lr x (alpha, dT), with each seed.
+LR_GRID_LEARNING_RATES = (0.1, 0.05, 0.01, 0.005)
+LR_GRID_PAIRS = ((0.3, 100), (0.4, 200), (0.4, 500), (0.5, 750))
+
+
+def lr_grid(seeds: Sequence[int] = (0, 1, 2),
+            learning_rates: Sequence[float] = LR_GRID_LEARNING_RATES,
+            pairs: Sequence[tuple[float, int]] = LR_GRID_PAIRS) -> list[dict]:
+  """learning_rate x (drop_fraction, update_every) x seeds, seeds outermost."""
+  return [dict(learning_rate=float(lr), drop_fraction=float(alpha), update_every=int(dt),
+               seed=int(seed))
+          for seed in seeds for lr in learning_rates for alpha, dt in pairs]
+
+
+def config_sweep(module) -> list[dict]:
+  """The config file's ``sweep()`` (one run of the config as it is when it has none)."""
+  if hasattr(module, "sweep"):
+    runs = [dict(r) for r in module.sweep()]
+    if not runs:
+      raise ValueError("the config's sweep() returned no runs")
+    return runs
+  return [{}]
+
+
+def make_runs(overrides_list: Sequence[dict], sweep_dir: str,
+              base: ml_collections.ConfigDict | None = None) -> list[Run]:
+  """Typed :class:`Run` objects with their workdirs; raises on duplicate names."""
+  runs, names = [], {}
+  for overrides in overrides_list:
+    overrides = normalize(overrides, base)
+    name = run_name(overrides)
+    if name in names:
+      raise ValueError(f"two runs share the workdir name {name!r}: {names[name]} and "
+                       f"{overrides}")
+    names[name] = overrides
+    runs.append(Run(name=name, overrides=overrides, workdir=os.path.join(sweep_dir, name)))
+  return runs
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _jsonable(value):
+  if isinstance(value, tuple):
+    return list(value)
+  return value
+
+
+def write_manifest(sweep_dir: str, *, config_path: str, common: dict, runs: Sequence[Run],
+                   base_config: ml_collections.ConfigDict) -> str:
+  """``SWEEP_DIR/sweep.json``: the config, shared overrides, base config and the runs
+  (merged with the runs listed by earlier invocations on the same directory)."""
+  os.makedirs(sweep_dir, exist_ok=True)
+  listed = [{"name": r.name, "overrides": {k: _jsonable(v) for k, v in r.overrides.items()}}
+            for r in runs]
+  previous = read_manifest(sweep_dir) or {}
+  names = {r["name"] for r in listed}
+  # Runs asked for by earlier invocations stay listed (e.g. a first pass with one seed).
+  kept = [r for r in previous.get("runs", []) if r["name"] not in names]
+  manifest = {
+      "config": os.path.abspath(config_path),
+      "common_overrides": {k: _jsonable(v) for k, v in common.items()},
+      "base_config": json.loads(base_config.to_json_best_effort()),
+      "runs": kept + listed,
+  }
+  path = os.path.join(sweep_dir, MANIFEST)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path
+
+
+def read_manifest(sweep_dir: str) -> dict | None:
+  path = os.path.join(sweep_dir, MANIFEST)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)

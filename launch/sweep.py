@@ -1,0 +1,181 @@
+r"""Runs a grid of trainer runs: ``python -m launch.sweep --config=configs/X.py --sweep_dir=DIR``.
+
+The grid is the config's ``sweep()``, or a product given here::
+
+  # The report's Table 2 grid, 2 runs at a time on this machine:
+  python -m launch.sweep --config=configs/cifar10_wrn22_2.py --sweep_dir=runs/table2 \
+      --concurrency=2
+  # A product: methods x distributions x sparsities x training multipliers x seeds,
+  # with overrides shared by every run (not part of the run names):
+  python -m launch.sweep --config=configs/quickstart.py --sweep_dir=runs/mnist \
+      --methods=static,set,rigl --distributions=uniform,erk --sparsities=0.8,0.9 \
+      --seeds=0,1,2 --set=num_epochs=20
+  # Instead of running: a SLURM array script, or a TPU-pod script.
+  python -m launch.sweep --config=configs/cifar10_wrn22_2.py --sweep_dir=/shared/table2 \
+      --emit=slurm --slurm_partition=gpu --slurm_setup='source ~/venv/bin/activate'
+  # The report's learning-rate grid (lr x (alpha, dT) x 3 seeds) at one setting:
+  python -m launch.sweep --config=configs/cifar10_wrn22_2.py --sweep_dir=runs/lr_erk_90 \
+      --grid=lr --set=distribution=erk --set=sparsity=0.9
+  # Accelerator hours of the grid for step times you give (seconds per step):
+  python -m launch.sweep --config=configs/cifar10_wrn22_2.py --sweep_dir=runs/table2 \
+      --estimate --seconds_per_step=a100=0.05 --seconds_per_step=v100=0.09
+
+Each run's workdir is ``DIR/NAME`` (``method=rigl,distribution=erk,sparsity=0.9,seed=0``).
+Finished runs (``summary.json``) are skipped, unfinished ones rerun and resume from
+their checkpoints; ``DIR/status.json`` records every run's state and, for failed
+runs, the exit code and the tail of stderr. ``DIR/sweep.json`` lists the runs.
+Exit code 1 when a run failed or diverged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+from launch import cost, emit, grid, local
+
+def define_flags():
+  """Defines the command-line flags (only when run as a program, so that the launch
+  modules import side by side)."""
+  flags.DEFINE_string("config", None, "Config file (configs/X.py).")
+  flags.DEFINE_string("sweep_dir", None, "Directory of the sweep's workdirs.")
+  flags.DEFINE_integer("concurrency", 1, "Runs at a time (local; SLURM: %N).")
+  flags.DEFINE_enum("emit", None, ["slurm", "tpu"],
+                    "Write a SLURM array or TPU-pod script instead of running.")
+  flags.DEFINE_enum("grid", "sweep", ["sweep", "lr"],
+                    "sweep: the config's sweep() or the product flags; lr: the report's "
+                    "learning-rate x (alpha, dT) grid.")
+  flags.DEFINE_list("seeds", None, "Seeds: replace those of the grid.")
+  flags.DEFINE_list("methods", None, "Product grid: methods.")
+  flags.DEFINE_list("distributions", None, "Product grid: distributions.")
+  flags.DEFINE_list("sparsities", None, "Product grid: sparsities.")
+  flags.DEFINE_list("train_multipliers", None, "Product grid: training multipliers.")
+  flags.DEFINE_multi_string("set", [], "KEY=VALUE override of every run (not in the names).")
+  flags.DEFINE_bool("dry_run", False, "Print the runs and commands; run nothing.")
+  flags.DEFINE_string("python", None, "Interpreter of the runs (default: this one locally, "
+                      "'python' for SLURM, 'python3' for TPU).")
+  flags.DEFINE_bool("estimate", False, "Print accelerator hours of the grid; run nothing.")
+  flags.DEFINE_multi_string("seconds_per_step", [], "LABEL=SECONDS per training step for "
+                            "--estimate (e.g. a100=0.05), repeatable.")
+  flags.DEFINE_integer("steps_per_epoch", None, "For --estimate with a data set of unknown size.")
+  # SLURM.
+  flags.DEFINE_string("slurm_partition", "", "#SBATCH --partition ('' leaves it out).")
+  flags.DEFINE_string("slurm_gres", "gpu:1", "#SBATCH --gres ('' leaves it out).")
+  flags.DEFINE_integer("slurm_cpus", 8, "#SBATCH --cpus-per-task.")
+  flags.DEFINE_string("slurm_mem", "", "#SBATCH --mem ('' leaves it out).")
+  flags.DEFINE_string("slurm_time", "24:00:00", "#SBATCH --time.")
+  flags.DEFINE_multi_string("slurm_setup", [], "Shell line before each run (repeatable).")
+  flags.DEFINE_string("repo_dir", None, "The repository on the nodes (default: this "
+                      "directory for SLURM, ~/rigl_jax for TPU).")
+  # TPU pods.
+  flags.DEFINE_string("tpu_name", "my-tpu-pod", "TPU VM name.")
+  flags.DEFINE_string("tpu_zone", "", "TPU zone.")
+  flags.DEFINE_string("tpu_project", "", "GCP project.")
+  flags.DEFINE_multi_string("tpu_setup", [], "Shell command on each worker first (repeatable).")
+
+
+def expand(config_path: str, *, seeds=None, methods=None, distributions=None,
+           sparsities=None, train_multipliers=None, which: str = "sweep") -> list[dict]:
+  """The grid's overrides: ``which="lr"``: the report's learning-rate grid (seeds 0, 1,
+  2 unless given); else the product when any product axis is given, else the config's
+  ``sweep()``; ``seeds`` replaces the seeds either way."""
+  module = grid.load_config_module(config_path)
+  if which == "lr":
+    if methods or distributions or sparsities or train_multipliers:
+      raise ValueError("--grid=lr takes no product axes; fix the setting with --set")
+    return grid.lr_grid([int(s) for s in seeds] if seeds else (0, 1, 2))
+  if which != "sweep":
+    raise ValueError(f"unknown grid {which!r}")
+  if methods or distributions or sparsities or train_multipliers:
+    return grid.product_grid(methods=methods or (), distributions=distributions or (),
+                             sparsities=sparsities or (),
+                             train_multipliers=train_multipliers or (),
+                             seeds=[int(s) for s in seeds] if seeds else (0,))
+  runs = grid.config_sweep(module)
+  return grid.with_seeds(runs, [int(s) for s in seeds]) if seeds else runs
+
+
+def plan(config_path: str, sweep_dir: str, *, common_assignments=(), **grid_args):
+  """(runs, common overrides, base config) of a sweep, every override validated."""
+  module = grid.load_config_module(config_path)
+  base = module.get_config()
+  common = grid.parse_assignments(common_assignments, base)
+  runs = grid.make_runs(expand(config_path, **grid_args), sweep_dir, base)
+  for run in runs:  # fail here, not in N subprocesses
+    grid.apply_overrides(base, common, run.overrides)
+  return runs, common, base
+
+
+def main(argv):
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.config or not FLAGS.sweep_dir:
+    raise app.UsageError("--config and --sweep_dir are required")
+  config_path = os.path.abspath(FLAGS.config)
+  sweep_dir = FLAGS.sweep_dir
+  try:
+    runs, common, base = plan(
+        config_path, sweep_dir, common_assignments=FLAGS.set, seeds=FLAGS.seeds,
+        methods=FLAGS.methods, distributions=FLAGS.distributions,
+        sparsities=FLAGS.sparsities, train_multipliers=FLAGS.train_multipliers,
+        which=FLAGS.grid)
+  except (ValueError, TypeError, FileNotFoundError, SyntaxError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+  if FLAGS.estimate:
+    seconds = cost.parse_seconds_per_step(FLAGS.seconds_per_step)
+    measured = cost.measured_seconds_per_step(sweep_dir)
+    if measured is not None:
+      seconds["measured here"] = measured
+    configs = [grid.apply_overrides(base, common, r.overrides) for r in runs]
+    print(cost.format_estimate(os.path.basename(config_path), cost.estimate(
+        configs, seconds, spe=FLAGS.steps_per_epoch)))
+    return
+
+  if FLAGS.dry_run:
+    for run in runs:
+      state = "finished" if local.is_finished(run.workdir) else "to run"
+      cmd = local.trainer_command(config_path, run, common, python=FLAGS.python or sys.executable)
+      print(f"[{state}] {' '.join(cmd)}")
+    print(f"{len(runs)} runs")
+    return
+
+  if FLAGS.emit:
+    grid.write_manifest(sweep_dir, config_path=config_path, common=common, runs=runs,
+                        base_config=base)
+  if FLAGS.emit == "slurm":
+    script, listing = emit.write_slurm(
+        runs, sweep_dir, config_path=config_path, common=common,
+        repo_dir=FLAGS.repo_dir or os.getcwd(), python=FLAGS.python or "python",
+        concurrency=FLAGS.concurrency if FLAGS.concurrency > 1 else None,
+        job_name=os.path.splitext(os.path.basename(config_path))[0],
+        partition=FLAGS.slurm_partition, gres=FLAGS.slurm_gres, cpus_per_task=FLAGS.slurm_cpus,
+        mem=FLAGS.slurm_mem, time_limit=FLAGS.slurm_time, setup=FLAGS.slurm_setup)
+    done = sum(local.is_finished(r.workdir) for r in runs)
+    print(f"wrote {script} and {listing}: {len(runs)} tasks ({done} already finished)\n"
+          f"submit: sbatch {script}")
+    return
+  if FLAGS.emit == "tpu":
+    script = emit.write_tpu(
+        runs, sweep_dir, config_path=config_path, common=common, tpu_name=FLAGS.tpu_name,
+        zone=FLAGS.tpu_zone, project=FLAGS.tpu_project,
+        repo_dir=FLAGS.repo_dir or "~/rigl_jax", python=FLAGS.python or "python3",
+        setup=FLAGS.tpu_setup)
+    print(f"wrote {script}: {len(runs)} runs, one after another on all workers\n"
+          f"run: bash {script}")
+    return
+
+  states = local.run_sweep(runs, sweep_dir, config_path=config_path, common=common,
+                           base_config=base, concurrency=FLAGS.concurrency,
+                           python=FLAGS.python or sys.executable)
+  if any(s in (local.FAILED, local.DIVERGED) for s in states.values()):
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,490 @@
+"""launch/: sweep expansion and names, the local runner and status.json, SLURM/TPU
+scripts (run against stubs, never submitted), accelerator hours, the report on tiny
+real runs, and the Optuna study with a stub trainer."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # launch/ is run from the repository, not installed
+  sys.path.insert(0, REPO)
+
+from launch import cost, emit, grid, local, report, sweep, tune  # pylint: disable=g-import-not-at-top
+QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
+CIFAR10 = os.path.join(REPO, "configs", "cifar10_wrn22_2.py")
+
+# A stand-in for `python -m rigl_jax.main ...`: what it does depends on the seed in the
+# workdir's name. seed=13: exit 3 ("boom" on stderr); seed=14: exit 0 without a
+# summary (preempted); seed=15: a FloatingPointError; seed=16: a summary with a NaN
+# accuracy; else a summary with accuracy 0.5. Every call appends its workdir to
+# $STUB_LOG.
+STUB = textwrap.dedent("""\
+    import json, os, sys
+    workdir = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--workdir=")][0]
+    if os.environ.get("STUB_LOG"):
+      with open(os.environ["STUB_LOG"], "a") as f:
+        f.write(workdir + "\\n")
+    os.makedirs(workdir, exist_ok=True)
+    name = os.path.basename(workdir)
+    if "seed=13" in name:
+      print("Traceback: something\\nRuntimeError: boom", file=sys.stderr)
+      sys.exit(3)
+    if "seed=14" in name:
+      sys.exit(0)
+    if "seed=15" in name:
+      print("FloatingPointError: non-finite loss or gradient at step 7", file=sys.stderr)
+      sys.exit(1)
+    acc = float("nan") if "seed=16" in name else 0.5
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({"test_accuracy": acc, "val_accuracy": acc, "argv": sys.argv[1:]}, f)
+    """)
+
+
+@pytest.fixture
+def stub(tmp_path):
+  """(python file, executable file, log path) of the stub trainer."""
+  path = tmp_path / "stub_trainer.py"
+  path.write_text(STUB)
+  exe = tmp_path / "stub_python"
+  exe.write_text(f"#!{sys.executable}\n" + STUB)
+  exe.chmod(0o755)
+  return str(path), str(exe), str(tmp_path / "stub.log")
+
+
+def read_log(path):
+  return open(path).read().split() if os.path.exists(path) else []
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def test_product_grid_names_and_dense_collapse():
+  runs = grid.product_grid(methods=["dense", "static", "rigl"], distributions=["uniform", "erk"],
+                           sparsities=[0.8, 0.9], train_multipliers=[1, 2], seeds=[0, 1])
+  # dense: one setting per multiplier and seed; static/rigl: 2 x 2 x 2 x 2 x 2.
+  assert len(runs) == 2 * 2 + 2 * 2 * 2 * 2 * 2
+  names = [grid.run_name(r) for r in runs]
+  assert len(set(names)) == len(names)
+  assert "method=rigl,distribution=erk,sparsity=0.9,train_multiplier=2.0,seed=1" in names
+  assert "method=dense,sparsity=0.0,train_multiplier=1.0,seed=0" in names
+  assert not any(n.startswith("method=dense,distribution") for n in names)
+  # Stable: the order of the keys does not matter, int and float settings agree.
+  assert grid.run_name({"seed": 0, "sparsity": 0.9, "method": "set"}) == \
+      "method=set,sparsity=0.9,seed=0"
+  made = grid.make_runs([{"train_multiplier": 2, "seed": 1}], "/sweep")
+  assert made[0].name == "train_multiplier=2.0,seed=1"
+  assert made[0].workdir == "/sweep/train_multiplier=2.0,seed=1"
+  assert grid.parse_run_name(made[0].name) == {"train_multiplier": 2.0, "seed": 1}
+  with pytest.raises(ValueError, match="share the workdir"):
+    grid.make_runs([{"seed": 0}, {"seed": 0}], "/sweep")
+  with pytest.raises(ValueError, match="unknown config field"):
+    grid.make_runs([{"sparsty": 0.9}], "/sweep")
+
+
+def test_config_sweep_expansion_and_seeds(tmp_path):
+  table2 = sweep.expand(CIFAR10)
+  # 3 seeds x (4 sparsities x (static/set/rigl x 2 distributions + snfs, pruning,
+  # small_dense) + dense).
+  assert len(table2) == 3 * (4 * 9 + 1)
+  one_seed = sweep.expand(CIFAR10, seeds=["0"])
+  assert len(one_seed) == 37 and {r["seed"] for r in one_seed} == {0}
+  five = sweep.expand(CIFAR10, seeds=["0", "1", "2", "3", "4"])
+  assert len(five) == 5 * 37
+  runs, common, _ = sweep.plan(QUICKSTART, str(tmp_path), common_assignments=["num_epochs=3"])
+  assert [r.name for r in runs] == ["default"] and common == {"num_epochs": 3}
+  lr = sweep.expand(CIFAR10, which="lr")
+  assert len(lr) == 4 * 4 * 3
+  assert {(r["drop_fraction"], r["update_every"]) for r in lr} == set(grid.LR_GRID_PAIRS)
+  assert {r["learning_rate"] for r in lr} == {0.1, 0.05, 0.01, 0.005}
+  with pytest.raises(ValueError, match="unknown config field"):
+    sweep.plan(QUICKSTART, str(tmp_path), common_assignments=["nope=1"])
+  with pytest.raises(ValueError):
+    sweep.plan(QUICKSTART, str(tmp_path), common_assignments=["sparsity=abc"])
+
+
+# ----------------------------------------------------------------------------- local runner
+
+
+def test_run_local_skips_finished_reruns_unfinished_records_failures(tmp_path, stub):
+  stub_py, _, log = stub
+  sweep_dir = str(tmp_path / "sweep")
+  runs = grid.make_runs([{"seed": s} for s in (0, 1, 13, 14, 15)], sweep_dir)
+  by_seed = {r.overrides["seed"]: r for r in runs}
+  # seed 0 finished earlier; seed 1 was interrupted (a checkpoint, no summary).
+  os.makedirs(by_seed[0].workdir)
+  open(os.path.join(by_seed[0].workdir, "summary.json"), "w").write("{}")
+  os.makedirs(os.path.join(by_seed[1].workdir, "checkpoints", "100"))
+  command = lambda run: [sys.executable, stub_py, f"--workdir={run.workdir}"]
+
+  states = local.run_local(runs, sweep_dir, command, concurrency=2, poll_s=0.05,
+                           env={"STUB_LOG": log}, log=lambda _: None)
+  assert states == {r.name: s for r, s in zip(runs, ["finished", "finished", "failed",
+                                                      "incomplete", "diverged"])}
+  assert sorted(read_log(log)) == sorted(by_seed[s].workdir for s in (1, 13, 14, 15))
+  status = local.read_status(sweep_dir)
+  failed = status[by_seed[13].name]
+  assert failed["state"] == "failed" and failed["returncode"] == 3
+  assert "RuntimeError: boom" in failed["stderr_tail"] and failed["attempts"] == 1
+  assert status[by_seed[15].name]["returncode"] == 1
+  assert status[by_seed[1].name]["state"] == "finished"
+  assert status[by_seed[14].name]["state"] == "incomplete"
+
+  # Again: finished runs are skipped, the others run again; attempts are counted.
+  os.remove(log)
+  local.run_local(runs, sweep_dir, command, concurrency=1, poll_s=0.05,
+                  env={"STUB_LOG": log}, log=lambda _: None)
+  assert sorted(read_log(log)) == sorted(by_seed[s].workdir for s in (13, 14, 15))
+  assert local.read_status(sweep_dir)[by_seed[13].name]["attempts"] == 2
+
+
+def test_sweep_lock_refuses_a_second_sweep(tmp_path):
+  with local.sweep_lock(str(tmp_path)):
+    with pytest.raises(RuntimeError, match="another sweep"):
+      with local.sweep_lock(str(tmp_path)):
+        pass
+
+
+def test_sweep_and_report_command_lines_with_stub_trainer(tmp_path, stub):
+  _, exe, log = stub
+  sweep_dir = str(tmp_path / "sweep")
+  cmd = [sys.executable, "-m", "launch.sweep", f"--config={QUICKSTART}", f"--sweep_dir={sweep_dir}",
+         "--methods=set,rigl", "--seeds=0,13", "--set=num_train_steps=7", f"--python={exe}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, STUB_LOG=log))
+  assert proc.returncode == 1, proc.stderr  # the seed-13 runs fail
+  status = local.read_status(sweep_dir)
+  assert {n: e["state"] for n, e in status.items()} == {
+      "method=set,seed=0": "finished", "method=rigl,seed=0": "finished",
+      "method=set,seed=13": "failed", "method=rigl,seed=13": "failed"}
+  summary = json.load(open(os.path.join(sweep_dir, "method=rigl,seed=0", "summary.json")))
+  assert summary["argv"] == ["-m", "rigl_jax.main", f"--config={QUICKSTART}",
+                             f"--workdir={sweep_dir}/method=rigl,seed=0",
+                             "--config.num_train_steps=7", "--config.method=rigl",
+                             "--config.seed=0"]
+  manifest = grid.read_manifest(sweep_dir)
+  assert len(manifest["runs"]) == 4 and manifest["common_overrides"] == {"num_train_steps": 7}
+
+  out = str(tmp_path / "results")
+  proc = subprocess.run([sys.executable, "-m", "launch.report", f"--sweep_dir={sweep_dir}",
+                         f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  table = open(os.path.join(out, "table.md")).read()
+  assert "| SET (ERK) | 50.00 ± 0.00 (n=1; 1 failed) |" in table
+  assert "| method=rigl,seed=13 | failed | exit 3: RuntimeError: boom |" in table
+
+
+# ----------------------------------------------------------------------------- emitted scripts
+
+
+def test_slurm_script_content_and_one_task(tmp_path, stub):
+  _, exe, log = stub
+  sweep_dir = str(tmp_path / "sweep")
+  runs = grid.make_runs([{"method": "rigl", "seed": 0}, {"method": "set", "seed": 1},
+                         {"method": "static", "seed": 2}], sweep_dir)
+  script, listing = emit.write_slurm(runs, sweep_dir, config_path=QUICKSTART,
+                                     common={"num_epochs": 5}, repo_dir=REPO, python=exe,
+                                     concurrency=2, partition="gpu", setup=["echo setup-ran"])
+  text = open(script).read()
+  for line in ("#SBATCH --array=0-2%2", "#SBATCH --gres=gpu:1", "#SBATCH --partition=gpu",
+               "#SBATCH --signal=B:TERM@120", "#SBATCH --requeue", "#SBATCH --time=24:00:00",
+               f"#SBATCH --output={sweep_dir}/slurm/%A_%a.out", "echo setup-ran"):
+    assert line in text.splitlines(), line
+  assert os.path.isdir(os.path.join(sweep_dir, "slurm"))
+  lines = open(listing).read().splitlines()
+  assert [l.split("\t")[0] for l in lines] == [r.name for r in runs]
+  assert "--config.num_epochs=5 --config.method=set --config.seed=1" in lines[1]
+
+  env = dict(os.environ, STUB_LOG=log, SLURM_ARRAY_TASK_ID="1")
+  proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert read_log(log) == [runs[1].workdir] and "setup-ran" in proc.stdout
+  # The task of a finished run does nothing.
+  proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+  assert "finished: method=set,seed=1" in proc.stdout and read_log(log) == [runs[1].workdir]
+
+
+def test_tpu_script_content_and_execution(tmp_path, stub, monkeypatch):
+  monkeypatch.chdir(REPO)  # the config path is written relative to the repository
+  _, exe, log = stub
+  sweep_dir = str(tmp_path / "sweep")
+  runs = grid.make_runs([{"method": "rigl", "seed": 0}, {"method": "rigl", "seed": 13}], sweep_dir)
+  script = emit.write_tpu(runs, sweep_dir, config_path=QUICKSTART, common={"batch_size": 64},
+                          tpu_name="pod-1", zone="us-central2-b", repo_dir=REPO, python=exe)
+  text = open(script).read()
+  assert text.count("\nrun ") == 2 and "TPU_NAME=${TPU_NAME:-pod-1}" in text
+  # A fake gcloud: logs its arguments and runs the remote command here.
+  gcloud = tmp_path / "gcloud"
+  gcloud.write_text(textwrap.dedent("""\
+      #!/bin/bash
+      printf '%s\\n' "$@" >> "$GCLOUD_LOG"; echo ---- >> "$GCLOUD_LOG"
+      for a in "$@"; do case "$a" in --command=*) bash -c "${a#--command=}" || exit $?;; esac; done
+      """))
+  gcloud.chmod(0o755)
+  gcloud_log = str(tmp_path / "gcloud.log")
+  env = dict(os.environ, GCLOUD=str(gcloud), GCLOUD_LOG=gcloud_log, STUB_LOG=log)
+  proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+  assert proc.returncode == 1, proc.stderr  # the seed-13 run fails
+  calls = [c.strip().split("\n") for c in open(gcloud_log).read().split("----") if c.strip()]
+  assert len(calls) == 2
+  for call, run in zip(calls, runs):
+    assert call[:6] == ["compute", "tpus", "tpu-vm", "ssh", "pod-1", "--zone=us-central2-b"]
+    assert "--worker=all" in call
+    remote = [a for a in call if a.startswith("--command=")][0]
+    assert "-m rigl_jax.main --distributed --config=configs/quickstart.py" in remote
+    assert f"--config.batch_size=64 --config.method=rigl --config.seed={run.overrides['seed']}" \
+        in remote
+  assert read_log(log) == [r.workdir for r in runs]
+  assert open(os.path.join(sweep_dir, "tpu_failed.txt")).read().split() == [runs[1].name]
+  # Again: the finished run is skipped on the workers.
+  subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+  assert read_log(log) == [r.workdir for r in runs] + [runs[1].workdir]
+
+
+# ----------------------------------------------------------------------------- hours
+
+
+def test_accelerator_hours(tmp_path):
+  module = grid.load_config_module(CIFAR10)
+  base = module.get_config()
+  configs = [grid.apply_overrides(base, r) for r in sweep.expand(CIFAR10)]
+  steps_per_run = 250 * ((50_000 - 5_000) // 128)  # 87,750, as the report
+  result = cost.estimate(configs, {"a100": 0.05, "v100": 0.1})
+  assert result["runs"] == 111 and result["steps"] == 111 * steps_per_run
+  assert math.isclose(result["hours"]["v100"], 111 * steps_per_run * 0.1 / 3600)
+  longer = [grid.apply_overrides(base, {"train_multiplier": m}) for m in (1.0, 2.0, 3.0)]
+  assert cost.estimate(longer, {})["steps"] == 6 * steps_per_run
+  assert "no seconds per step" in cost.format_estimate("x", cost.estimate(longer, {}))
+  assert cost.parse_seconds_per_step(["a100=0.05"]) == {"a100": 0.05}
+  with pytest.raises(ValueError):
+    cost.parse_seconds_per_step(["a100"])
+  # Measured: the median over the runs' metrics, first line (compilation) left out.
+  for name, rates in (("a", [0.1, 4.0, 5.0]), ("b", [0.5, 2.0])):
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / "metrics.jsonl", "w") as f:
+      for r in rates:
+        f.write(json.dumps({"step": 1, "steps_per_s": r}) + "\n")
+  assert math.isclose(cost.measured_seconds_per_step(str(tmp_path)), 0.25)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+TRAIN_JOBS = textwrap.dedent("""\
+    import json, sys
+    from launch import grid
+    from rigl_jax import train
+    jobs = json.load(open(sys.argv[1]))
+    base = grid.load_config_module(jobs["config"]).get_config()
+    for job in jobs["runs"]:
+      overrides = grid.normalize(dict(jobs["common"], **job["overrides"]), base)
+      train.train_and_evaluate(grid.apply_overrides(base, overrides), job["workdir"])
+    """)
+
+
+@pytest.fixture(scope="module")
+def real_sweep(tmp_path_factory):
+  """RigL and RigL-SG (redistribution), ERK 90%, seeds 0 and 1: tiny real runs of
+  LeNet-300-100 on mnist5k (20 steps). Seed 2 of RigL fails (recorded in status.json),
+  seed 2 of RigL-SG has a NaN accuracy."""
+  tmp = tmp_path_factory.mktemp("real")
+  sweep_dir = str(tmp / "sweep")
+  common = ["num_train_steps=20", "batch_size=50", "eval_batch_size=500", "update_every=5",
+            "lr_drop_steps=(15,)", "log_every=5", "checkpoint_every=20"]
+  runs, common, base = sweep.plan(QUICKSTART, sweep_dir, common_assignments=common,
+                                  methods=["rigl", "rigl_sg"], distributions=["erk"],
+                                  sparsities=["0.9"], seeds=["0", "1", "2"])
+  grid.write_manifest(sweep_dir, config_path=QUICKSTART, common=common, runs=runs,
+                      base_config=base)
+  # train_and_evaluate of the seed 0 and 1 runs, in one process that caches compilations
+  # (the seeds share most programs), so that the jax cache settings stay out of pytest.
+  jobs = {"config": QUICKSTART, "common": common,
+          "runs": [{"overrides": r.overrides, "workdir": r.workdir}
+                   for r in runs if r.overrides["seed"] < 2]}
+  (tmp / "jobs.json").write_text(json.dumps(jobs))
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  proc = subprocess.run([sys.executable, "-c", TRAIN_JOBS, str(tmp / "jobs.json")], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Seed 2 of RigL: a stub trainer that exits 3 (the stub fails for "seed=13" names).
+  stub_path = os.path.join(sweep_dir, "stub.py")
+  open(stub_path, "w").write(STUB)
+  names = {r.name: r for r in runs}
+  failing = names["method=rigl,distribution=erk,sparsity=0.9,seed=2"]
+  states = local.run_local([failing], sweep_dir, lambda r: [
+      sys.executable, stub_path, f"--workdir={r.workdir}/seed=13"], log=lambda _: None,
+                           poll_s=0.05)
+  assert states == {failing.name: "failed"}
+  # Seed 2 of RigL-SG: a summary whose accuracy is not finite.
+  nan_run = names["method=rigl_sg,distribution=erk,sparsity=0.9,seed=2"]
+  os.makedirs(nan_run.workdir)
+  with open(os.path.join(nan_run.workdir, "summary.json"), "w") as f:
+    json.dump({"test_accuracy": float("nan"), "val_accuracy": float("nan")}, f)
+  return sweep_dir, runs
+
+
+def test_report_tables_and_plots_from_real_runs(real_sweep, tmp_path):
+  sweep_dir, runs = real_sweep
+  out = str(tmp_path / "results")
+  result = report.build_report(sweep_dir, out)
+  summaries = {}
+  for run in runs:
+    path = os.path.join(run.workdir, "summary.json")
+    if run.overrides["seed"] < 2:
+      summaries.setdefault(run.overrides["method"], []).append(json.load(open(path)))
+  table = list(csv.DictReader(open(os.path.join(out, "table.csv"))))
+  assert [r["row"] for r in table] == ["RigL (ERK)", "RigL-SG (ERK)"]
+  md = open(os.path.join(out, "table.md")).read()
+  for row, method, problem in ((table[0], "rigl", "failed"), (table[1], "rigl_sg", "diverged")):
+    acc = np.array([s["test_accuracy"] for s in summaries[method]]) * 100
+    assert math.isclose(float(row["acc_mean@0.9"]), acc.mean(), rel_tol=1e-9)
+    assert math.isclose(float(row["acc_std@0.9"]), acc.std(ddof=1), rel_tol=1e-9)
+    assert row["n@0.9"] == "2" and row["not_ok@0.9"] == "1"
+    train_mult = np.mean([s["train_flops_multiplier"] for s in summaries[method]])
+    assert math.isclose(float(row["train_flops@0.9"]), train_mult, rel_tol=1e-9)
+    cell = f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f} (n=2; 1 {problem})"
+    assert row["cell@0.9"] == cell and cell in md
+  assert "| method=rigl,distribution=erk,sparsity=0.9,seed=2 | failed | exit 3:" in md
+  assert "| method=rigl_sg,distribution=erk,sparsity=0.9,seed=2 | diverged | non-finite" in md
+  by_name = {r["name"]: r for r in csv.DictReader(open(os.path.join(out, "runs.csv")))}
+  assert len(by_name) == 6
+  assert by_name["method=rigl,distribution=erk,sparsity=0.9,seed=2"]["status"] == "failed"
+  for name in ("accuracy_vs_sparsity.png", "accuracy_vs_train_flops.png", "layer_densities.png",
+               "redistribution_rigl_sg_erk_0_9.png"):
+    assert name in result["files"], sorted(result["files"])
+    data = open(os.path.join(out, name), "rb").read()
+    assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+
+
+def test_report_flops_over_training_and_unfinished_runs(real_sweep, tmp_path):
+  sweep_dir, runs = real_sweep
+  results = {r.name: r for r in report.collect(sweep_dir)}
+  sg = results["method=rigl_sg,distribution=erk,sparsity=0.9,seed=0"]
+  steps, values = report.flops_over_training(sg)
+  assert steps == [5, 10, 15, 20]
+  # The mean per-step multiplier over training is the run's train FLOPs over dense.
+  dense_train = 3 * sg.summary["dense_forward_flops"] * sg.fields["batch_size"] * 20
+  assert math.isclose(np.mean(values), sg.summary["train_flops"] / dense_train, rel_tol=1e-9)
+  # A workdir without a summary and without a status entry is an unfinished run.
+  extra = os.path.join(sweep_dir, "method=set,distribution=erk,sparsity=0.9,seed=0")
+  os.makedirs(extra, exist_ok=True)
+  open(os.path.join(extra, "config.json"), "w").write(json.dumps({"method": "set"}))
+  try:
+    rows, _ = report.build_rows(report.collect(sweep_dir))
+    set_row = [r for r in rows if r.label == "SET (ERK)"][0]
+    assert report.accuracy_text(set_row.cells[0.9]) == "1 unfinished"
+  finally:
+    os.remove(os.path.join(extra, "config.json"))
+    os.rmdir(extra)
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+def fake_accuracy(alpha, dt, seed):
+  return 0.9 - (alpha - 0.35) ** 2 - 1e-5 * abs(dt - 300) + 0.001 * seed
+
+
+def make_stub_train(calls):
+  def train_fn(config, workdir):
+    calls.append(workdir)
+    if config.seed == 7:
+      raise FloatingPointError("non-finite loss")
+    acc = fake_accuracy(config.drop_fraction, config.update_every, config.seed)
+    summary = {"val_accuracy": acc, "test_accuracy": acc - 0.01}
+    os.makedirs(workdir, exist_ok=True)
+    json.dump(summary, open(os.path.join(workdir, "summary.json"), "w"))
+    return summary
+  return train_fn
+
+
+def test_tpe_objective_study_and_resume(tmp_path):
+  optuna = pytest.importorskip("optuna")
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.base_config()
+  calls = []
+  study = tune.run_tpe(config, str(tmp_path), seeds=(0, 1), n_trials=3, study_name="s",
+                       train_fn=make_stub_train(calls))
+  trials = study.trials
+  assert [t.state.name for t in trials] == ["COMPLETE"] * 3 and len(calls) == 6
+  for t in trials:
+    alpha, dt = t.params["drop_fraction"], t.params["update_every"]
+    assert 0.1 <= alpha <= 0.6 and dt in range(50, 951, 50)
+    expected = np.mean([fake_accuracy(alpha, dt, s) for s in (0, 1)])
+    assert math.isclose(t.value, expected, rel_tol=1e-12)
+    for seed in (0, 1):
+      name = grid.run_name({"drop_fraction": alpha, "update_every": dt, "seed": seed})
+      assert os.path.exists(tmp_path / "s" / name / "summary.json")
+  assert os.path.exists(tmp_path / "optuna.db")
+  assert len(list(csv.DictReader(open(tmp_path / "s" / "trials.csv")))) == 3
+
+  # A killed process leaves a RUNNING trial; resuming fails it and tries its params again.
+  killed = optuna.load_study(study_name="s", storage=tune.storage_url(str(tmp_path))).ask()
+  stale = {"drop_fraction": killed.suggest_float("drop_fraction", 0.1, 0.6),
+           "update_every": killed.suggest_int("update_every", 50, 950, step=50)}
+  study = tune.run_tpe(config, str(tmp_path), seeds=(0, 1), n_trials=4, study_name="s",
+                       train_fn=make_stub_train(calls))
+  assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["FAIL", "COMPLETE"]
+  assert study.trials[-1].params == stale and len(calls) == 8
+
+  # Ctrl-C (or SIGTERM, the trainer then returns "preempted") in the second seed of a
+  # trial: the trial fails as interrupted; resuming tries its params again and reads
+  # its finished first seed back.
+  def interrupted_train(config, workdir):
+    if config.seed == 1:
+      return {"preempted": True, "steps": 3}
+    return make_stub_train(calls)(config, workdir)
+  with pytest.raises(KeyboardInterrupt):
+    tune.run_tpe(config, str(tmp_path), seeds=(0, 1), n_trials=5, study_name="s",
+                 train_fn=interrupted_train)
+  cut = optuna.load_study(study_name="s", storage=tune.storage_url(str(tmp_path))).trials[-1]
+  assert cut.state.name == "FAIL" and cut.user_attrs["interrupted"] and len(calls) == 9
+  study = tune.run_tpe(config, str(tmp_path), seeds=(0, 1), n_trials=5, study_name="s",
+                       train_fn=make_stub_train(calls))
+  assert study.trials[-1].state.name == "COMPLETE" and study.trials[-1].params == cut.params
+  assert len(calls) == 10 and len(study.trials) == 7  # only seed 1 ran again
+  # A resumed study does not replay the sampler's draws of its first start.
+  assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 5
+
+  # Finished runs are read back, not retrained; a diverged seed counts as accuracy 0.
+  objective = tune.make_objective(config, str(tmp_path / "s"), (0, 7),
+                                  train_fn=make_stub_train(calls))
+  trial = optuna.trial.FixedTrial(stale)
+  value = objective(trial)
+  assert len(calls) == 11  # seed 0 was on disk; seed 7 ran (and diverged)
+  assert math.isclose(value, fake_accuracy(stale["drop_fraction"], stale["update_every"], 0) / 2)
+  assert trial.user_attrs["diverged_seeds"] == [7]
+
+
+def test_tune_without_optuna_says_how_to_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "optuna", None)
+  with pytest.raises(ImportError, match="pip install"):
+    tune.import_optuna()
+
+
+def test_lr_grid_mode_runs_the_grid_and_reports(tmp_path, stub, monkeypatch):
+  _, exe, log = stub
+  monkeypatch.setenv("STUB_LOG", log)
+  sweep_dir = str(tmp_path / "lr")
+  states = tune.run_lr_grid(QUICKSTART, sweep_dir, seeds=(0, 13), fixed={"sparsity": 0.8},
+                            python=exe, learning_rates=(10.0, 2.0), pairs=((0.3, 100),))
+  assert sorted(states.values()) == ["failed", "failed", "finished", "finished"]
+  assert len(read_log(log)) == 4
+  argv = json.load(open(os.path.join(
+      sweep_dir, "learning_rate=2.0,drop_fraction=0.3,update_every=100,seed=0",
+      "summary.json")))["argv"]
+  assert "--config.sparsity=0.8" in argv and "--config.learning_rate=2.0" in argv
+  table = list(csv.DictReader(open(os.path.join(sweep_dir, "report", "table.csv"))))
+  assert [r["row"] for r in table] == [  # numbers sort as numbers
+      "RigL (ERK), learning_rate=2.0", "RigL (ERK), learning_rate=10.0"]
+  assert all(r["n@0.8"] == "1" and r["not_ok@0.8"] == "1" for r in table)
