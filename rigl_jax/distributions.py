@@ -72,6 +72,7 @@ def sparsity_distribution(
     dense=None,
     custom: Mapping[str, float] | None = None,
     include=None,
+    uniform_first_layer_dense: bool = True,
 ) -> PyTree:
   """Per-leaf sparsities (floats, same structure as ``params``; 0.0 for dense leaves).
 
@@ -86,6 +87,9 @@ def sparsity_distribution(
     custom: ``{regex: sparsity}``; a matching layer gets that sparsity and leaves
       the budget. The first matching regex wins.
     include: which leaves may be sparse at all (default: ndim >= 2).
+    uniform_first_layer_dense: ``"uniform"`` keeps the first sparsifiable layer
+      (a conv net's stem) dense, as the RigL paper does; False makes every layer
+      sparse (e.g. an MLP, whose first layer holds most of the weights).
 
   Returns:
     The exact (unrounded) sparsity of every leaf. Masks hold
@@ -130,7 +134,7 @@ def sparsity_distribution(
       budget_layers.append(path)
 
   if kind == "uniform":
-    first = next((p for p in paths if is_candidate[p]), None)
+    first = next((p for p in paths if is_candidate[p]), None) if uniform_first_layer_dense else None
     for path in budget_layers:
       result[path] = 0.0 if path == first else sparsity
   elif budget_layers:

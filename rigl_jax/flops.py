@@ -409,7 +409,8 @@ def config_flops(c) -> dict:
   else:
     sparsities = distributions.sparsity_distribution(
         params, c.sparsity, c.distribution, dense=list(c.dense_layers) or None,
-        custom=dict(c.custom_sparsity) or None)
+        custom=dict(c.custom_sparsity) or None,
+        uniform_first_layer_dense=c.uniform_first_layer_dense)
     sizes = jax.tree.map(lambda p: math.prod(p.shape), params)
     densities = {masks.path_to_str(path): masks.num_active(size, s) / size
                  for (path, s), size in zip(jax.tree_util.tree_flatten_with_path(sparsities)[0],

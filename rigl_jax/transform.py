@@ -113,6 +113,7 @@ def sparse_training(
     include=None,
     dense=None,
     custom: Mapping[str, float] | None = None,
+    uniform_first_layer_dense: bool = True,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that it trains a sparse network.
@@ -136,6 +137,8 @@ def sparse_training(
       default every leaf with ndim >= 2).
     dense: leaves forced dense (regex(es) or predicate).
     custom: ``{regex: sparsity}`` for layers with their own sparsity.
+    uniform_first_layer_dense: with ``distribution="uniform"``, keep the first
+      sparsifiable layer dense (the paper's choice for a conv net's stem).
     seed: seeds the initial masks and any random growth.
 
   Returns:
@@ -176,7 +179,8 @@ def sparse_training(
   def layer_sparsities(params):
     # Shapes only: the same static answer at init and inside the jitted update.
     return distributions.sparsity_distribution(
-        params, sparsity, distribution, dense=dense, custom=custom, include=include)
+        params, sparsity, distribution, dense=dense, custom=custom, include=include,
+        uniform_first_layer_dense=uniform_first_layer_dense)
 
   def init_fn(params):
     sparsities = layer_sparsities(params)

@@ -130,3 +130,8 @@ def test_random_masks_exact_counts_and_seeded(kind):
     np.testing.assert_array_equal(m, a)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m3))
              if not a.all())
+
+
+def test_uniform_every_layer_sparse_when_asked():
+  s = flat_sparsities(wrn_22_2_kernels(), 0.9, "uniform", uniform_first_layer_dense=False)
+  assert all(v == 0.9 for p, v in s.items() if p.endswith("kernel"))
