@@ -34,12 +34,5 @@ def get_config():
 
 
 def sweep():
-  """The report's Table 3 grid."""
-  runs = []
-  for seed in range(3):
-    for sparsity in (0.5, 0.8, 0.9, 0.95):
-      for method in ("static", "set", "rigl", "snfs", "pruning", "small_dense"):
-        for distribution in (("uniform", "erk") if method in ("static", "set", "rigl") else ("erk",)):
-          runs.append(dict(method=method, distribution=distribution, sparsity=sparsity, seed=seed))
-    runs.append(dict(method="dense", sparsity=0.0, seed=seed))
-  return runs
+  """The report's Table 3 grid (launch/ expands it; one workdir per entry)."""
+  return config_lib.report_table_grid()

@@ -48,6 +48,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from rigl_jax.masks import path_to_str
+
 PyTree = Any
 
 # Methods whose training cost ``train_flops_per_step`` knows.
@@ -176,21 +178,6 @@ def layer_costs(model: nn.Module, variables: PyTree, sample_input, **apply_kwarg
   return records
 
 
-def _path_str(key_path) -> str:
-  """'/'-joined key path, the same format as ``LayerCost.path``."""
-  parts = []
-  for entry in key_path:
-    if isinstance(entry, jax.tree_util.DictKey):
-      parts.append(str(entry.key))
-    elif isinstance(entry, jax.tree_util.GetAttrKey):
-      parts.append(entry.name)
-    elif isinstance(entry, jax.tree_util.SequenceKey):
-      parts.append(str(entry.idx))
-    else:
-      parts.append(str(entry))
-  return "/".join(parts)
-
-
 def _leaf_density(leaf, path: str) -> float:
   """A density from one leaf: a number is a density; an array is a mask or weights."""
   arr = np.asarray(leaf)
@@ -223,13 +210,13 @@ def resolve_densities(costs: Iterable[LayerCost], densities) -> dict[str, float]
   flat, _ = jax.tree_util.tree_flatten_with_path(densities)
   result = {}
   for key_path, leaf in flat:
-    path = _path_str(key_path)
+    path = path_to_str(key_path)
     if path in layer_paths:
       result[path] = _leaf_density(leaf, path)
   if flat and not result:
     # Nothing lined up: almost surely a format mistake (e.g. a "params/" prefix),
     # which must not silently count as a dense model.
-    given = ", ".join(_path_str(p) for p, _ in flat[:4])
+    given = ", ".join(path_to_str(p) for p, _ in flat[:4])
     known = ", ".join(sorted(layer_paths)[:4])
     raise ValueError(f"densities: no entry matches a layer path. Given paths look like "
                      f"{given}; layer paths look like {known}.")

@@ -128,7 +128,7 @@ def test_nested_paths_and_shared_module_counted_per_call():
   paths = [c.path for c in costs]
   assert paths == ["inp/kernel", "shared/kernel", "shared/kernel",
                    "tail/Dense_0/kernel", "tail/Dense_1/kernel"]
-  kernels = {flops._path_str(p) for p, leaf in
+  kernels = {flops.path_to_str(p) for p, leaf in
              jax.tree_util.tree_flatten_with_path(variables["params"])[0]
              if leaf.ndim == 2}
   assert set(paths) == kernels
@@ -281,7 +281,7 @@ def _model_costs(name, width_multiplier=1.0):
 @pytest.mark.parametrize("name", list(MODEL_INPUTS))
 def test_every_kernel_is_traced_once_with_its_param_path(name):
   costs, variables = _model_costs(name)
-  kernels = {flops._path_str(p) for p, leaf in
+  kernels = {flops.path_to_str(p) for p, leaf in
              jax.tree_util.tree_flatten_with_path(variables["params"])[0]
              if leaf.ndim >= 2}
   paths = [c.path for c in costs]
