@@ -9,6 +9,7 @@ everywhere. :func:`validate` runs before anything is compiled or written.
 from __future__ import annotations
 
 import math
+import re
 
 import ml_collections
 
@@ -37,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Sparse training.
   c.method = "rigl"
   c.distribution = "erk"
+  c.uniform_first_layer_dense = True  # uniform keeps the stem dense (conv nets)
   c.sparsity = 0.9
   c.update_every = 100            # dT
   c.drop_fraction = 0.3           # alpha
@@ -130,16 +132,36 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
                      ("checkpoint_every", 1), ("keep_checkpoints", 1), ("start_step", 0),
                      ("end_step", -1), ("num_train_steps", -1), ("validation_size", -1)):
     _int_at_least(c, field, low)
-  for field in ("nesterov", "skip_inner_update_on_mask_step", "overwrite"):
+  for field in ("nesterov", "skip_inner_update_on_mask_step", "overwrite",
+                "uniform_first_layer_dense"):
     _require(isinstance(c[field], bool), field, f"must be True or False, got {c[field]!r}")
-  _require(all(isinstance(s, int) and s >= 0 for s in c.lr_drop_steps), "lr_drop_steps",
+  # Seeds of 2**32 and more wrap around in jax.random.key (without x64): no silent aliasing.
+  _require(c.seed < 2**32, "seed", f"must be an int < 2**32, got {c.seed}")
+  _require(isinstance(c.lr_drop_steps, (tuple, list)) and
+           all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+               for s in c.lr_drop_steps), "lr_drop_steps",
            f"must be a list of step numbers >= 0, got {c.lr_drop_steps!r}")
   _require(isinstance(c.dense_layers, (tuple, list)) and
            all(isinstance(p, str) for p in c.dense_layers), "dense_layers",
            f"must be a list of regex strings, got {c.dense_layers!r}")
+  _require(hasattr(c.custom_sparsity, "items"), "custom_sparsity",
+           f"must be a dict {{regex: sparsity}}, got {c.custom_sparsity!r}")
   for pattern, value in dict(c.custom_sparsity).items():
-    ok = isinstance(value, (int, float)) and 0 <= value < 1
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
     _require(ok, "custom_sparsity", f"value for {pattern!r} must be in [0, 1), got {value!r}")
+  for field, patterns in (("dense_layers", c.dense_layers), ("custom_sparsity",
+                                                              list(c.custom_sparsity))):
+    for pattern in patterns:
+      try:
+        re.compile(pattern)
+      except (re.error, TypeError) as e:
+        raise ConfigError(f"config.{field}: {pattern!r} is not a valid regex: {e}") from None
+  for field in ("data_dir", "source_workdir", "distribution_source"):
+    _require(isinstance(c[field], str), field, f"must be a string, got {c[field]!r}")
+  _require(not c.source_workdir or c.method == "lottery", "source_workdir",
+           f"only method 'lottery' reads it, got method {c.method!r}")
+  _require(not c.distribution_source or c.method not in DENSE_METHODS, "distribution_source",
+           f"only sparse methods read it, got method {c.method!r}")
   for field, size in (("batch_size", c.batch_size), ("eval_batch_size", c.eval_batch_size)):
     _require(size % device_count == 0, field,
              f"{size} is not divisible by the number of devices ({device_count})")
@@ -181,3 +203,19 @@ def lr_drop_steps(c) -> list[int]:
 def width_multiplier(c) -> float:
   """Small-Dense: every hidden width scaled by sqrt(1 - sparsity)."""
   return math.sqrt(1.0 - c.sparsity) if c.method == "small_dense" else 1.0
+
+
+def report_table_grid(seeds=(0, 1, 2), sparsities=(0.5, 0.8, 0.9, 0.95)) -> list[dict]:
+  """The rows of the report's Tables 2 and 3 as override dicts (a config's ``sweep()``):
+  Static, SET and RigL with uniform and ERK, SNFS, pruning and Small-Dense with ERK,
+  and the dense baseline, for every sparsity and seed."""
+  runs = []
+  for seed in seeds:
+    for sparsity in sparsities:
+      for method in ("static", "set", "rigl", "snfs", "pruning", "small_dense"):
+        for distribution in (("uniform", "erk") if method in ("static", "set", "rigl")
+                             else ("erk",)):
+          runs.append(dict(method=method, distribution=distribution, sparsity=sparsity,
+                           seed=seed))
+    runs.append(dict(method="dense", sparsity=0.0, seed=seed))
+  return runs

@@ -4,6 +4,9 @@ Overrides go after the config: ``--config.sparsity=0.8 --config.method=set``.
 Rerunning the same command resumes from the workdir's latest checkpoint.
 """
 
+import difflib
+import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -11,7 +14,22 @@ from ml_collections import config_flags
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
 flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() first (multi-process runs on pods).")
+                  "Call jax.distributed.initialize() first: multi-process runs (pods, clusters, "
+                  "or several processes on one machine with --coordinator_address).")
+flags.DEFINE_string("coordinator_address", None,
+                    "With --distributed: HOST:PORT of process 0's coordination service (then "
+                    "also give --num_processes and --process_id). Unset: jax detects the "
+                    "cluster (TPU pods, SLURM, ...).")
+flags.DEFINE_integer("num_processes", None, "With --coordinator_address: number of processes.")
+flags.DEFINE_integer("process_id", None,
+                     "With --coordinator_address: this process's index; 0 runs the coordinator.")
+flags.DEFINE_integer("heartbeat_timeout_s", 10,
+                     "With --distributed: a peer silent for this long counts as dead, and the "
+                     "run stops with an error instead of hanging.")
+flags.DEFINE_integer("shutdown_timeout_s", 10,
+                     "With --distributed: the longest wait for the other processes at exit.")
+flags.DEFINE_integer("init_timeout_s", 300,
+                     "With --distributed: the longest wait for every process to join.")
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -25,20 +43,98 @@ class _QuietLibraries:
     return record.levelno >= 30 or "orbax" not in record.pathname
 
 
+EXIT_FAILED = 1     # anything else: a lost peer, no usable checkpoint, a crash
+EXIT_BAD_INPUT = 2  # a bad flag or config field; nothing was written
+EXIT_DIVERGED = 3   # a non-finite loss or gradient with on_nonfinite="stop"
+
+
+def _fail(message, code: int):
+  """Ends the process with ``error: MESSAGE`` on one line of stderr."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _unknown_override(argv) -> str | None:
+  """The key of the first ``--config.a.b=...`` override the shared config lacks."""
+  from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  base = config_lib.base_config()
+  for arg in argv[1:]:
+    match = re.match(r"--config\.([^=]+)", arg)
+    if not match:
+      continue
+    node = base
+    for part in match.group(1).split("."):
+      if not hasattr(node, "keys") or part not in node:
+        return match.group(1)
+      node = node[part]
+  return None
+
+
+def parse_flags(argv):
+  """absl's parser, with every bad flag turned into one ``error: ...`` line and exit 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:  # a value of the wrong type, a missing flag, a bad config file
+    match = re.match(r"flag --config\.([\w.]+)=.*?: (.*)", str(e), re.S)
+    if match:
+      _fail(f"config.{match.group(1)}: {match.group(2)}", EXIT_BAD_INPUT)
+    _fail(f"flags: {e}", EXIT_BAD_INPUT)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing key
+    key = _unknown_override(argv)
+    if key is None:
+      raise
+    from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+    close = [] if "." in key else difflib.get_close_matches(key, list(config_lib.base_config()), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    _fail(f"config.{key}: unknown field ({hint}overrides cannot add fields; see "
+          f"rigl_jax/config.py)", EXIT_BAD_INPUT)
+
+
+def _initialize_distributed(jax):
+  kwargs = {"initialization_timeout": FLAGS.init_timeout_s,
+            "heartbeat_timeout_seconds": FLAGS.heartbeat_timeout_s,
+            "shutdown_timeout_seconds": FLAGS.shutdown_timeout_s}
+  if FLAGS.coordinator_address:
+    n, i = FLAGS.num_processes, FLAGS.process_id
+    if n is None or n < 1 or i is None or not 0 <= i < n:
+      _fail(f"flags: --coordinator_address needs --num_processes >= 1 and --process_id in "
+            f"[0, num_processes), got {n} and {i}", EXIT_BAD_INPUT)
+    kwargs.update(coordinator_address=FLAGS.coordinator_address, num_processes=n, process_id=i)
+  jax.distributed.initialize(**kwargs)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    FLAGS.config.keys()  # ml_collections reports a config file that failed to load only now
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f"flags: --config: {e}", EXIT_BAD_INPUT)
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    _initialize_distributed(jax)
+  from rigl_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax import train  # pylint: disable=import-outside-toplevel
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (config_lib.ConfigError, FileNotFoundError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(e, EXIT_BAD_INPUT)
+  except FloatingPointError as e:
+    _fail(f"training diverged: {e}", EXIT_DIVERGED)
+  except checkpoint_lib.CheckpointRestoreError as e:
+    _fail(f"checkpoints: {e} Move the checkpoints folder away to start over.", EXIT_FAILED)
+  except Exception as e:  # pylint: disable=broad-except
+    if not FLAGS.distributed:
+      raise
+    # A lost peer shows up here as a collective or coordination error. Exit at once:
+    # a normal exit would wait in jax's shutdown barrier for the dead process.
+    logging.exception("Stopping this process.")
+    logging.flush()
+    print(f"error: process {jax.process_index()}: {type(e).__name__}: "
+          f"{' '.join(str(e).split())[:500]}", file=sys.stderr, flush=True)
+    os._exit(EXIT_FAILED)  # pylint: disable=protected-access
   if summary.get("preempted"):
     print(f"preempted at step {summary['steps']}; rerun the same command to resume")
     return
@@ -51,4 +147,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import time
+import zlib
 from typing import Any, NamedTuple
 
 import jax
@@ -136,6 +137,7 @@ def make_optimizer(c, *, total: int, lottery_masks=None) -> optax.GradientTransf
       dense=list(c.dense_layers) or None,
       custom=(custom_from_run(c) if c.distribution_source
               else dict(c.custom_sparsity) or None),
+      uniform_first_layer_dense=c.uniform_first_layer_dense,
       seed=c.seed,
   )
 
@@ -212,18 +214,33 @@ def make_eval_step(model, num_classes: int):
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """Turns SIGTERM into a flag the loop checks after each step.
+
+  With several processes, jax's preemption notifier owns SIGTERM: a notice to any
+  process makes every process stop at the same agreed step (``check`` must be
+  called after every step), so that all of them take part in the same save.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multi_process = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multi_process:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: leave signals alone
       self._previous = None
     return self
+
+  def check(self, step: int) -> bool:
+    """Whether to save and stop after ``step``; read once per step."""
+    if self._multi_process and not self.requested:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      self.requested = bool(multihost_utils.reached_preemption_sync_point(step))
+    return self.requested
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -275,6 +292,9 @@ class MetricsLog:
   def __init__(self, path: str, resume_step: int):
     self.path = path
     self.last = {}
+    # The last training line (with the FLOP counters) at or before the resumed step:
+    # an evaluation or event line may follow it at the same step.
+    self.last_train = {}
     lines = []
     if os.path.exists(path):
       with open(path) as f:
@@ -286,10 +306,13 @@ class MetricsLog:
           if record.get("step", math.inf) <= resume_step:
             lines.append(line if line.endswith("\n") else line + "\n")
             self.last = record
-      tmp = path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(lines)
-      os.replace(tmp, path)
+            if "train_flops" in record:
+              self.last_train = record
+      if jax.process_index() == 0:  # one writer when processes share the workdir
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+          f.writelines(lines)
+        os.replace(tmp, path)
 
   def write(self, record: dict) -> None:
     if jax.process_index() != 0:
@@ -297,10 +320,23 @@ class MetricsLog:
     with open(self.path, "a") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
     self.last = record
+    if "train_flops" in record:
+      self.last_train = record
 
 
 def _to_host(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def state_digest(state: TrainState) -> str:
+  """CRC32 of this process's own copy of the state (step, params, BN statistics,
+  optimizer state with the masks, rng): equal digests mean bit-identical states,
+  across reruns, resumes and the processes of one run."""
+  crc = 0
+  for leaf in jax.tree.leaves(state):
+    local = leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf
+    crc = zlib.crc32(np.ascontiguousarray(np.asarray(local)).reshape(-1).view(np.uint8), crc)
+  return f"{crc:08x}"
 
 
 def _save_tree(directory: str, tree) -> None:
@@ -343,6 +379,8 @@ def load_lottery_source(c, params_shape):
 def setup(c: ml_collections.ConfigDict, workdir: str):
   """Validates the config and builds data, model and optimizer; writes nothing."""
   config_lib.validate(c, device_count=jax.device_count())
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"workdir: {workdir!r} exists and is not a directory")
   try:
     pipeline = data_lib.get_pipeline(
         c.dataset, global_batch_size=c.batch_size, eval_batch_size=c.eval_batch_size,
@@ -419,7 +457,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   if restored is None:
     state = jax.jit(init_state, out_shardings=replicated)()
     start_step = 0
-    if sparse and jax.process_index() == 0:
+    if sparse:  # every process: orbax saves are collective (the primary one writes)
       _save_tree(os.path.join(workdir, "initial_params"), {"params": _to_host(state.params)})
     logging.info("Starting %s from scratch: %d steps.", workdir, total)
   else:
@@ -450,10 +488,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   f_dense = flops_lib.reference_dense_flops(c, info.num_classes, info.input_shape)
   flops_method = {"pruning_global": "pruning", "lottery": "static"}.get(c.method, c.method)
   accumulator = flops_lib.FlopsAccumulator(costs)
-  train_flops = float(metrics_log.last.get("train_flops", 0.0))
-  if start_step and "flops_steps" in metrics_log.last:
-    accumulator.total = float(metrics_log.last["flops_total"])
-    accumulator.steps = int(metrics_log.last["flops_steps"])
+  train_flops = float(metrics_log.last_train.get("train_flops", 0.0)) if start_step else 0.0
+  if start_step and "flops_steps" in metrics_log.last_train:
+    accumulator.total = float(metrics_log.last_train["flops_total"])
+    accumulator.steps = int(metrics_log.last_train["flops_steps"])
   end = config_lib.end_step(c, total)
   drop_fn = schedules.make_drop_fraction_fn(c.drop_schedule, initial=c.drop_fraction,
                                             start_step=c.start_step, end_step=end)
@@ -484,11 +522,18 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
         "flops_steps": accumulator.steps,
         "nonfinite": int(sum(m["nonfinite"] for m in host)),
     }
+    if sparse:  # per-kernel densities: they move under redistribution and pruning
+      record["layer_densities"] = {
+          k: v for (k, v), m in zip(masks_lib.layer_densities(masks).items(),
+                                    jax.tree.leaves(masks)) if m.ndim >= 2}
     metrics_log.write(record)
     eta = (total - step) / max(record["steps_per_s"], 1e-9)
     logging.info("step %d/%d  loss %.4f  acc %.4f  lr %.4g  density %.4f  %.1f steps/s  "
                  "eta %.0fs", step, total, record["loss"], record["accuracy"],
                  record["learning_rate"], record["global_density"], record["steps_per_s"], eta)
+    if record["nonfinite"] and c.on_nonfinite == "skip":
+      logging.warning("Skipped %d batch(es) with a non-finite loss or gradient in steps "
+                      "%d-%d.", record["nonfinite"], step - steps_done, step - 1)
     return record
 
   def check_finite():
@@ -518,13 +563,15 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       if c.eval_every and done % c.eval_every == 0 and done != total and info.num_val:
         val = evaluate("val")
         metrics_log.write({"step": done, "val_accuracy": val["accuracy"], "val_loss": val["loss"]})
-      if done % c.checkpoint_every == 0 or preemption.requested:
+      # Read once: a SIGTERM arriving after this point is handled after the next step.
+      stop = preemption.check(done)
+      if done % c.checkpoint_every == 0 or stop:
         if pending:  # the checkpoint's metrics line must be in the log before it
           log(done, pending, time.time() - interval_start, interval_steps)
           pending, interval_start, interval_steps = [], time.time(), 0
         check_finite()
-        ckpt.save(done, state, force=preemption.requested)
-      if preemption.requested:
+        ckpt.save(done, state, force=stop)
+      if stop:
         preempted = True
         break
   if not preempted:
@@ -536,8 +583,11 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
                  int(jax.device_get(state.step)))
     return {"preempted": True, "steps": int(jax.device_get(state.step))}
 
+  digest = state_digest(state)
+  logging.info("Final state CRC32 %s (process %d of %d).", digest, jax.process_index(),
+               jax.process_count())
   masks = masks_now()
-  if sparse and jax.process_index() == 0:
+  if sparse:  # every process: orbax saves are collective (the primary one writes)
     _save_tree(os.path.join(workdir, "final_masks"), masks)
   val = evaluate("val") if info.num_val else {"accuracy": None, "loss": None}
   test = evaluate("test")
@@ -559,6 +609,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       "dense_forward_flops": f_dense, "sparse_forward_flops": f_final,
       "train_flops_multiplier": train_mult, "test_flops_multiplier": test_mult,
       "train_flops": train_flops,
+      "state_crc32": digest,
       "wall_time_s": time.time() - wall_start,
   }
   if jax.process_index() == 0:
