@@ -202,9 +202,11 @@ def sparse_training(
     method_state = method.observe(state.method_state, grads, masks)
     inner_grads = grads if method.dense_inner_gradients else masks_lib.apply_masks(grads, masks)
 
-    def inner_step(_):
-      updates, inner_state = inner.update(inner_grads, state.inner_state, params, **extra_args)
-      return _masked_updates(updates, params, masks), inner_state, masks, method_state
+    updates, inner_state = inner.update(inner_grads, state.inner_state, params, **extra_args)
+    if not method.updates_masks:
+      return _masked_updates(updates, params, masks), SparseTrainingState(
+          step=state.step + 1, masks=masks, inner_state=inner_state,
+          method_state=method_state, rng=state.rng)
 
     def mask_step(_):
       ctx = methods_lib.UpdateContext(
@@ -215,27 +217,28 @@ def sparse_training(
           sparsities=layer_sparsities(params),
           max_drop_fraction=max_drop_fraction,
           start_step=start_step, end_step=end_step, update_every=update_every)
-      new_masks, new_method_state = method.update(ctx, method_state)
-      # Surviving connections keep their weight; the rest restart at 0. Which
-      # connections keep their optimizer state is the method's call.
-      survivors = jax.tree.map(jnp.logical_and, new_masks, masks)
-      keep_state = method.keep_inner_state(masks, new_masks)
-      if skip_inner_update_on_mask_step:
-        updates = jax.tree.map(jnp.zeros_like, params)
-        inner_state = state.inner_state
-      else:
-        updates, inner_state = inner.update(inner_grads, state.inner_state, params, **extra_args)
-      inner_state = reset_param_like(inner_state, params, keep_state)
-      return (_masked_updates(updates, params, survivors), inner_state, new_masks,
-              new_method_state)
+      return method.update(ctx, method_state)
 
-    if method.updates_masks:
-      is_update = method.is_update_step(
-          state.step, update_every=update_every, start_step=start_step, end_step=end_step)
-      updates, inner_state, masks, method_state = jax.lax.cond(
-          is_update, mask_step, inner_step, None)
-    else:
-      updates, inner_state, masks, method_state = inner_step(None)
+    # Only the rare, expensive part (scores, top-k) sits inside the cond. The
+    # optimizer step runs every step and the update step is applied with selects,
+    # which XLA fuses with the optimizer's own elementwise work; a cond around the
+    # optimizer would cost copies of every momentum leaf on every step.
+    is_update = method.is_update_step(
+        state.step, update_every=update_every, start_step=start_step, end_step=end_step)
+    new_masks, method_state = jax.lax.cond(
+        is_update, mask_step, lambda _: (masks, method_state), None)
+    if skip_inner_update_on_mask_step:
+      updates = jax.tree.map(lambda u: jnp.where(is_update, jnp.zeros_like(u), u), updates)
+      inner_state = jax.tree.map(lambda new, old: jnp.where(is_update, old, new),
+                                 inner_state, state.inner_state)
+    # Surviving connections keep their weight; the rest restart at 0. Which
+    # connections keep their optimizer state is the method's call, on update steps.
+    survivors = jax.tree.map(jnp.logical_and, new_masks, masks)
+    keep_state = jax.tree.map(lambda k: k | ~is_update,
+                              method.keep_inner_state(masks, new_masks))
+    inner_state = reset_param_like(inner_state, params, keep_state)
+    updates = _masked_updates(updates, params, survivors)
+    masks = new_masks
     new_state = SparseTrainingState(
         step=state.step + 1, masks=masks, inner_state=inner_state,
         method_state=method_state, rng=state.rng)

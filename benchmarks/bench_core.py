@@ -1,0 +1,379 @@
+"""Overhead of the ``sparse_training`` transform, measured on this machine.
+
+Usage:
+  python benchmarks/bench_core.py            # LeNet-300-100, LeNet-5, WRN-22-2
+  python benchmarks/bench_core.py --quick    # no WRN-22-2, fewer repetitions
+  python benchmarks/bench_core.py --out bench_core.json
+
+For every model it times, interleaved in one loop (the order rotates each
+repetition so no variant always runs first):
+
+* ``dense``:   a jitted train step with the plain optax optimizer;
+* ``masked``:  the same step with ``rigl_jax.sparse_training(..., method="rigl")``
+               on a step that is NOT a mask-update step;
+* ``update``:  the same masked step on a step where the mask update fires
+               (the ``jax.lax.cond`` true branch);
+* ``rigl_fn``: the RigL mask update alone (``method.update``), jitted, on the
+               real params, dense grads and masks of the model;
+* ``dense_again``: a second dense runner; ``dense_again / dense`` is the noise
+               floor of this run (1.00 on a quiet machine);
+* ``opt_dense`` / ``opt_masked``: the optimizer part alone (``tx.update`` +
+               ``apply_updates`` on fixed grads), whose difference divided by
+               the dense step is a low-noise estimate of the masked overhead.
+
+Read the output (metrics as rows, one column per model):
+
+* ``masked_over_dense``: step-time ratio masked/dense on a non-update step
+  (ratio of medians; ``..._paired`` is the median of per-repetition ratios).
+  Target: <= 1.05 on the conv nets.
+* ``update_extra_over_step``: (update step - normal step) / normal step, and
+  ``rigl_fn_over_step``: the update function alone / normal step; both are the
+  cost of one mask update in train steps. Target: <= 0.05 on WRN-22-2.
+  ``update_extra`` is a difference of two step times, so on a loaded machine
+  it carries their noise; ``rigl_fn`` is measured directly.
+* ``update_cost_amortised_dT100``: ``rigl_fn_over_step`` / dT (100).
+
+A train step is forward, backward, SGD with Nesterov momentum 0.9 and weight
+decay (``optax.chain``), the BatchNorm statistics update and
+``optax.apply_updates``; params, batch stats and optimizer state are donated as
+a real trainer would. Compilation is timed separately and excluded, and each
+variant is warmed up before timing. The figures to read are ratios of times
+taken in the same loop, because absolute times on a shared machine are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rigl_jax
+from rigl_jax import distributions
+from rigl_jax import methods as methods_lib
+from rigl_jax import schedules
+from rigl_jax.models import get_model
+
+SPARSITY = 0.9
+UPDATE_EVERY = 100
+END_STEP = 10_000
+NORMAL_STEP = 1     # not a mask-update step (step 0 and multiples of dT are special)
+UPDATE_STEP = 100   # a mask-update step: start_step + 1 * dT < end_step
+
+# name, batch, input shape (HWC), repetitions (full, quick), calls per sample
+MODELS = [
+    ("lenet_300_100", 128, (28, 28, 1), (100, 30), 10),
+    ("lenet5", 128, (28, 28, 1), (30, 6), 2),
+    ("wrn_22_2", 128, (32, 32, 3), (10, 0), 1),
+]
+
+
+def inner_optimizer():
+  """SGD, Nesterov momentum 0.9, weight decay 5e-4 (the RigL CIFAR recipe)."""
+  return optax.chain(optax.add_decayed_weights(5e-4),
+                     optax.sgd(0.1, momentum=0.9, nesterov=True))
+
+
+def sparse_optimizer():
+  return rigl_jax.sparse_training(
+      inner_optimizer(), method="rigl", sparsity=SPARSITY, distribution="erk",
+      update_every=UPDATE_EVERY, end_step=END_STEP)
+
+
+def make_loss_fn(model):
+  def loss_fn(params, batch_stats, x, y):
+    logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                   train=True, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, new_vars.get("batch_stats", batch_stats)
+  return loss_fn
+
+
+def make_train_step(loss_fn, tx):
+  def train_step(params, batch_stats, opt_state, x, y):
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, batch_stats, opt_state, loss
+  return jax.jit(train_step, donate_argnums=(0, 1, 2))
+
+
+def compile_timed(jitted, *args):
+  """(compiled executable, seconds to trace + lower + compile)."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def copy_tree(tree):
+  return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
+
+
+class Runner:
+  """Times a donated step ``fn(*state, *args) -> (*new_state, ..., loss)``.
+
+  Every sample starts from a fresh copy of the same initial state (made before
+  the clock starts) and runs ``calls`` steps back to back, so all variants
+  time the same numbers: a state trained on for hundreds of steps on one fixed
+  batch drifts (the dense LeNet-5 reaches NaN in about 20 steps at lr 0.1),
+  and NaN or exploding values would time different arithmetic. The last
+  element of ``state`` is the optimizer state; with ``set_step`` its step
+  counter is set before every call, so the masked step always takes the same
+  ``lax.cond`` branch.
+  """
+
+  def __init__(self, fn, state, args, set_step=None):
+    self.fn, self.init_state, self.args, self.set_step = fn, tuple(state), tuple(args), set_step
+    self.last_loss = None
+
+  def sample(self, calls: int) -> float:
+    """Seconds per call, averaged over ``calls`` calls dispatched back to back."""
+    state = copy_tree(self.init_state)
+    n = len(state)
+    steps = [None] * calls
+    if self.set_step is not None:
+      steps = [jnp.asarray(self.set_step, jnp.int32) for _ in range(calls)]
+    jax.block_until_ready((state, steps))
+    out = None
+    t0 = time.perf_counter()
+    for s in steps:
+      if s is not None:
+        state = state[:-1] + (state[-1]._replace(step=s),)
+      out = self.fn(*state, *self.args)
+      state = tuple(out[:n])
+    jax.block_until_ready(out)
+    dt = time.perf_counter() - t0
+    self.last_loss = out[n] if len(out) > n else None
+    return dt / calls
+
+
+class FnRunner:
+  """Times a jitted function of fixed (not donated) arguments."""
+
+  def __init__(self, fn, *args):
+    self.fn, self.args = fn, args
+
+  def sample(self, calls: int) -> float:
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(calls):
+      out = self.fn(*self.args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / calls
+
+
+def make_rigl_update_fn(params):
+  """The RigL update alone: ``method.update`` on real params/grads/masks, jitted."""
+  method = methods_lib.get_method("rigl")
+  drop_fraction_fn = schedules.make_drop_fraction_fn(
+      "cosine", initial=0.3, start_step=0, end_step=END_STEP)
+  max_drop = schedules.max_drop_fraction("cosine", 0.3)
+  sparsities = distributions.sparsity_distribution(params, SPARSITY, "erk")
+
+  def rigl_update(params, grads, masks, step):
+    ctx = methods_lib.UpdateContext(
+        step=step, key=jax.random.fold_in(jax.random.key(0), step),
+        drop_fraction=jnp.asarray(drop_fraction_fn(step), jnp.float32),
+        masks=masks, params=params, grads=grads, sparsities=sparsities,
+        max_drop_fraction=max_drop)
+    new_masks, _ = method.update(ctx, ())
+    return new_masks
+  return jax.jit(rigl_update)
+
+
+def make_opt_only(tx):
+  """The optimizer part of a step alone: ``tx.update`` + ``apply_updates`` on fixed grads."""
+  def opt_only(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+  return jax.jit(opt_only, donate_argnums=(0, 1))
+
+
+def bench_model(name, batch, hwc, reps, calls, warmup, log):
+  log(f"[{name}] batch {batch}, input {hwc}, {reps} reps x {calls} calls")
+  model = get_model(name, num_classes=10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1,) + hwc), train=False)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  x = jax.random.normal(jax.random.key(1), (batch,) + hwc, jnp.float32)
+  y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+  n_params = sum(int(np.size(p)) for p in jax.tree.leaves(params))
+  loss_fn = make_loss_fn(model)
+
+  # Dense baseline: the plain optax optimizer.
+  dense_tx = inner_optimizer()
+  dense_state = dense_tx.init(params)
+  dense_step, dense_compile = compile_timed(
+      make_train_step(loss_fn, dense_tx), params, batch_stats, dense_state, x, y)
+
+  # Masked: one compiled step serves the normal and the mask-update step; the
+  # step counter (an input) decides which branch of the lax.cond runs.
+  sparse_tx = sparse_optimizer()
+  sparse_state = sparse_tx.init(params)
+  sparse_params = rigl_jax.apply_masks(params, sparse_state)
+  masked_step, masked_compile = compile_timed(
+      make_train_step(loss_fn, sparse_tx), sparse_params, batch_stats, sparse_state, x, y)
+  masks = rigl_jax.get_masks(sparse_state)
+  n_active = sum(int(np.asarray(m).sum()) for m in jax.tree.leaves(masks))
+
+  # Real dense grads, for the RigL update alone and the optimizer-only timing.
+  grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch_stats, x, y)[0]))(sparse_params)
+  step_arr = jnp.asarray(UPDATE_STEP, jnp.int32)
+  rigl_fn, rigl_compile = compile_timed(
+      make_rigl_update_fn(sparse_params), sparse_params, grads, masks, step_arr)
+  opt_dense, _ = compile_timed(make_opt_only(dense_tx), params, dense_state, grads)
+  opt_masked, _ = compile_timed(make_opt_only(sparse_tx), sparse_params, sparse_state, grads)
+
+  def train_runner(step_fn, p, state, set_step=None):
+    return Runner(step_fn, (p, batch_stats, state), (x, y), set_step)
+
+  runners = {
+      "dense": train_runner(dense_step, params, dense_state),
+      # A second, identical dense runner: its ratio to "dense" is the noise floor.
+      "dense_again": train_runner(dense_step, params, dense_state),
+      "masked": train_runner(masked_step, sparse_params, sparse_state, NORMAL_STEP),
+      "update": train_runner(masked_step, sparse_params, sparse_state, UPDATE_STEP),
+      "rigl_fn": FnRunner(rigl_fn, sparse_params, grads, masks, step_arr),
+      "opt_dense": Runner(opt_dense, (params, dense_state), (grads,)),
+      "opt_masked": Runner(opt_masked, (sparse_params, sparse_state), (grads,), NORMAL_STEP),
+  }
+  names = list(runners)
+  for _ in range(warmup):
+    for n in names:
+      runners[n].sample(calls)
+
+  times = {n: [] for n in names}
+  t_loop = time.perf_counter()
+  for r in range(reps):
+    order = names[r % len(names):] + names[:r % len(names)]  # rotate: no fixed first
+    for n in order:
+      times[n].append(runners[n].sample(calls))
+  loop_s = time.perf_counter() - t_loop
+
+  med = {n: statistics.median(v) for n, v in times.items()}
+  losses = {n: float(r.last_loss) for n, r in runners.items()
+            if getattr(r, "last_loss", None) is not None}
+  if not all(np.isfinite(v) for v in losses.values()):
+    log(f"[{name}] WARNING: non-finite loss after a sample: {losses}")
+
+  def paired(a, b):
+    """Median over repetitions of the ratio a/b within the same repetition."""
+    return statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))
+
+  row = {
+      "model": name, "batch": batch, "input": list(hwc), "params": n_params,
+      "active_params": n_active, "reps": reps, "calls_per_sample": calls,
+      "dense_ms": 1e3 * med["dense"], "masked_ms": 1e3 * med["masked"],
+      "update_step_ms": 1e3 * med["update"], "rigl_fn_ms": 1e3 * med["rigl_fn"],
+      "opt_dense_ms": 1e3 * med["opt_dense"], "opt_masked_ms": 1e3 * med["opt_masked"],
+      # 1. step-time overhead of the transform on a non-update step
+      "masked_over_dense": med["masked"] / med["dense"],
+      "masked_over_dense_paired": paired("masked", "dense"),
+      "noise_floor": med["dense_again"] / med["dense"],
+      # the same overhead from the optimizer part alone (less noisy, no fusion effects)
+      "opt_overhead_over_step": (med["opt_masked"] - med["opt_dense"]) / med["dense"],
+      # 2. cost of one mask update, in train steps, two ways
+      "update_extra_over_step": (med["update"] - med["masked"]) / med["masked"],
+      "rigl_fn_over_step": med["rigl_fn"] / med["masked"],
+      "rigl_fn_over_step_paired": paired("rigl_fn", "masked"),
+      "compile_dense_s": dense_compile, "compile_masked_s": masked_compile,
+      "compile_rigl_fn_s": rigl_compile, "timed_loop_s": loop_s,
+      "last_losses": losses,
+  }
+  # Amortised from the update function alone: a small time measured directly,
+  # whereas update_extra is a difference of two step times, as noisy as they are.
+  row["update_cost_amortised_dT100"] = row["rigl_fn_over_step"] / UPDATE_EVERY
+  log(f"[{name}] masked/dense {row['masked_over_dense']:.3f} (noise floor "
+      f"{row['noise_floor']:.3f}), update {row['update_extra_over_step']:.3f} / "
+      f"rigl_fn {row['rigl_fn_over_step']:.3f} steps; {loop_s:.0f} s timed")
+  return row
+
+
+ROWS = [  # (metric, format), printed one per line, one column per model
+    ("batch", "{}"), ("params", "{}"), ("active_params", "{}"),
+    ("reps", "{}"), ("calls_per_sample", "{}"),
+    ("dense_ms", "{:.2f}"), ("masked_ms", "{:.2f}"),
+    ("masked_over_dense", "{:.3f}"), ("masked_over_dense_paired", "{:.3f}"),
+    ("noise_floor", "{:.3f}"),
+    ("opt_dense_ms", "{:.3f}"), ("opt_masked_ms", "{:.3f}"),
+    ("opt_overhead_over_step", "{:.4f}"),
+    ("update_step_ms", "{:.2f}"), ("update_extra_over_step", "{:.3f}"),
+    ("rigl_fn_ms", "{:.2f}"), ("rigl_fn_over_step", "{:.3f}"),
+    ("rigl_fn_over_step_paired", "{:.3f}"),
+    ("update_cost_amortised_dT100", "{:.5f}"),
+    ("compile_dense_s", "{:.1f}"), ("compile_masked_s", "{:.1f}"),
+    ("compile_rigl_fn_s", "{:.1f}"), ("timed_loop_s", "{:.0f}"),
+]
+
+
+def format_table(rows):
+  """Metrics as rows, one column per model."""
+  table = [["metric"] + [r["model"] for r in rows]]
+  table += [[key] + [fmt.format(r[key]) for r in rows] for key, fmt in ROWS]
+  widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+  fmt_line = lambda cells: " | ".join(
+      [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
+  lines = [fmt_line(line) for line in table]
+  lines.insert(1, "-+-".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="skip WRN-22-2 and use fewer repetitions (< 2 min)")
+  parser.add_argument("--out", default=None, help="write the results as JSON here")
+  parser.add_argument("--models", default=None,
+                      help="comma-separated subset of " + ",".join(m[0] for m in MODELS))
+  args = parser.parse_args(argv)
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+  selected = args.models.split(",") if args.models else None
+  rows = []
+  t0 = time.perf_counter()
+  load_before = os.getloadavg()
+  for name, batch, hwc, (reps_full, reps_quick), calls in MODELS:
+    reps = reps_quick if args.quick else reps_full
+    if selected is not None:
+      if name not in selected:
+        continue
+      reps = reps or reps_full
+    if reps == 0:
+      continue
+    rows.append(bench_model(name, batch, hwc, reps, calls,
+                            warmup=1 if name == "wrn_22_2" else 2, log=log))
+  result = {
+      "benchmark": "bench_core",
+      "config": {"method": "rigl", "sparsity": SPARSITY, "distribution": "erk",
+                 "update_every": UPDATE_EVERY, "end_step": END_STEP,
+                 "optimizer": "chain(add_decayed_weights(5e-4), sgd(0.1, momentum=0.9, "
+                              "nesterov=True))",
+                 "normal_step": NORMAL_STEP, "update_step": UPDATE_STEP},
+      "quick": args.quick,
+      "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                  "jax": jax.__version__, "backend": jax.default_backend(),
+                  "cpu_count": os.cpu_count(), "loadavg_before": load_before,
+                  "loadavg_after": os.getloadavg()},
+      "total_s": time.perf_counter() - t0,
+      "rows": rows,
+  }
+  print(format_table(rows))
+  print(f"load average before/after: {load_before[0]:.2f} / {result['machine']['loadavg_after'][0]:.2f}"
+        f"; total {result['total_s']:.0f} s")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+if __name__ == "__main__":
+  main()
