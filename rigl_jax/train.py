@@ -34,6 +34,7 @@ from rigl_jax import flops as flops_lib
 from rigl_jax import masks as masks_lib
 from rigl_jax import methods as methods_lib
 from rigl_jax import models, schedules
+from rigl_jax import tensorboard
 
 PyTree = Any
 
@@ -485,6 +486,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n}
 
   metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
+  events = (tensorboard.ScalarWriter(os.path.join(workdir, "tensorboard"))
+            if jax.process_index() == 0 else None)
   f_dense = flops_lib.reference_dense_flops(c, info.num_classes, info.input_shape)
   flops_method = {"pruning_global": "pruning", "lottery": "static"}.get(c.method, c.method)
   accumulator = flops_lib.FlopsAccumulator(costs)
@@ -527,6 +530,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
           k: v for (k, v), m in zip(masks_lib.layer_densities(masks).items(),
                                     jax.tree.leaves(masks)) if m.ndim >= 2}
     metrics_log.write(record)
+    if events is not None:
+      events.write(step, {k: v for k, v in record.items()
+                          if k != "step" and isinstance(v, (int, float))})
     eta = (total - step) / max(record["steps_per_s"], 1e-9)
     logging.info("step %d/%d  loss %.4f  acc %.4f  lr %.4g  density %.4f  %.1f steps/s  "
                  "eta %.0fs", step, total, record["loss"], record["accuracy"],

@@ -1,0 +1,95 @@
+"""TensorBoard scalar events without TensorFlow.
+
+An events file is a TFRecord stream of ``Event`` protocol buffers. Scalars need
+only four fields, so this module encodes them by hand rather than importing
+TensorFlow (tens of seconds of start-up) into every run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    table.append(crc)
+  return table
+
+
+_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli), the checksum TFRecord uses."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(value: int) -> bytes:
+  out = bytearray()
+  while True:
+    bits = value & 0x7F
+    value >>= 7
+    if value:
+      out.append(bits | 0x80)
+    else:
+      out.append(bits)
+      return bytes(out)
+
+
+def _field(number: int, wire_type: int, payload: bytes) -> bytes:
+  return _varint((number << 3) | wire_type) + payload
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+  return _field(number, 2, _varint(len(payload)) + payload)
+
+
+def _event(step: int, *, file_version: str | None = None, scalars=None) -> bytes:
+  # Event: wall_time=1 (double), step=2 (int64), file_version=3, summary=5.
+  out = _field(1, 1, struct.pack("<d", time.time())) + _field(2, 0, _varint(step))
+  if file_version is not None:
+    out += _length_delimited(3, file_version.encode())
+  if scalars:
+    # Summary.value=1 -> Value: tag=1 (string), simple_value=2 (float).
+    values = b"".join(
+        _length_delimited(1, _length_delimited(1, tag.encode()) +
+                          _field(2, 5, struct.pack("<f", float(value))))
+        for tag, value in scalars.items())
+    out += _length_delimited(5, values)
+  return out
+
+
+def _record(data: bytes) -> bytes:
+  length = struct.pack("<Q", len(data))
+  return (length + struct.pack("<I", _masked_crc(length)) + data +
+          struct.pack("<I", _masked_crc(data)))
+
+
+class ScalarWriter:
+  """Appends scalar summaries to ``logdir/events.out.tfevents.*``."""
+
+  def __init__(self, logdir: str):
+    os.makedirs(logdir, exist_ok=True)
+    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    self.path = os.path.join(logdir, name)
+    with open(self.path, "ab") as f:
+      f.write(_record(_event(0, file_version="brain.Event:2")))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    with open(self.path, "ab") as f:
+      f.write(_record(_event(int(step), scalars=scalars)))
