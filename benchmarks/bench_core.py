@@ -171,23 +171,45 @@ class FnRunner:
     return (time.perf_counter() - t0) / calls
 
 
-def make_rigl_update_fn(params):
-  """The RigL update alone: ``method.update`` on real params/grads/masks, jitted."""
-  method = methods_lib.get_method("rigl")
+# Methods whose update alone is timed: rigl (the reference), set (random
+# growth), snfs (dense momentum growth + redistribution) and rigl_sg (gradient
+# growth + redistribution). Each gets a runner "<name>_fn".
+UPDATE_METHODS = ("rigl", "set", "snfs", "rigl_sg")
+
+
+def make_method_update_fn(name, params):
+  """``method.update`` of method ``name`` alone, on real params/grads/masks, jitted.
+
+  Returns ``(fn, method_state_of(grads))``: ``fn(params, grads, masks, step,
+  method_state)``. The method state is the method's own ``init`` after one
+  ``observe`` of the real grads (SNFS's dense gradient momentum, which it
+  ranks and redistributes by), so the update works on non-zero scores.
+  """
+  method = methods_lib.get_method(name)
   drop_fraction_fn = schedules.make_drop_fraction_fn(
       "cosine", initial=0.3, start_step=0, end_step=END_STEP)
   max_drop = schedules.max_drop_fraction("cosine", 0.3)
   sparsities = distributions.sparsity_distribution(params, SPARSITY, "erk")
 
-  def rigl_update(params, grads, masks, step):
+  def update(params, grads, masks, step, method_state):
     ctx = methods_lib.UpdateContext(
         step=step, key=jax.random.fold_in(jax.random.key(0), step),
         drop_fraction=jnp.asarray(drop_fraction_fn(step), jnp.float32),
         masks=masks, params=params, grads=grads, sparsities=sparsities,
-        max_drop_fraction=max_drop)
-    new_masks, _ = method.update(ctx, ())
+        max_drop_fraction=max_drop, start_step=0, end_step=END_STEP,
+        update_every=UPDATE_EVERY)
+    new_masks, _ = method.update(ctx, method_state)
     return new_masks
-  return jax.jit(rigl_update)
+
+  def state_of(grads, masks):
+    return method.observe(method.init(params, masks), grads, masks)
+  return jax.jit(update), state_of
+
+
+def make_rigl_update_fn(params):
+  """The RigL update alone (kept for callers of the old API): ``fn(params, grads, masks, step)``."""
+  fn, _ = make_method_update_fn("rigl", params)
+  return jax.jit(lambda p, g, m, s: fn(p, g, m, s, ()))
 
 
 def make_opt_only(tx):
@@ -228,8 +250,13 @@ def bench_model(name, batch, hwc, reps, calls, warmup, log):
   # Real dense grads, for the RigL update alone and the optimizer-only timing.
   grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch_stats, x, y)[0]))(sparse_params)
   step_arr = jnp.asarray(UPDATE_STEP, jnp.int32)
-  rigl_fn, rigl_compile = compile_timed(
-      make_rigl_update_fn(sparse_params), sparse_params, grads, masks, step_arr)
+  update_fns, update_compile = {}, {}
+  for m in UPDATE_METHODS:
+    fn, state_of = make_method_update_fn(m, sparse_params)
+    m_state = state_of(grads, masks)
+    compiled, update_compile[m] = compile_timed(fn, sparse_params, grads, masks, step_arr, m_state)
+    update_fns[m] = FnRunner(compiled, sparse_params, grads, masks, step_arr, m_state)
+  rigl_compile = update_compile["rigl"]
   opt_dense, _ = compile_timed(make_opt_only(dense_tx), params, dense_state, grads)
   opt_masked, _ = compile_timed(make_opt_only(sparse_tx), sparse_params, sparse_state, grads)
 
@@ -242,7 +269,7 @@ def bench_model(name, batch, hwc, reps, calls, warmup, log):
       "dense_again": train_runner(dense_step, params, dense_state),
       "masked": train_runner(masked_step, sparse_params, sparse_state, NORMAL_STEP),
       "update": train_runner(masked_step, sparse_params, sparse_state, UPDATE_STEP),
-      "rigl_fn": FnRunner(rigl_fn, sparse_params, grads, masks, step_arr),
+      **{f"{m}_fn": update_fns[m] for m in UPDATE_METHODS},
       "opt_dense": Runner(opt_dense, (params, dense_state), (grads,)),
       "opt_masked": Runner(opt_masked, (sparse_params, sparse_state), (grads,), NORMAL_STEP),
   }
@@ -292,9 +319,19 @@ def bench_model(name, batch, hwc, reps, calls, warmup, log):
   # Amortised from the update function alone: a small time measured directly,
   # whereas update_extra is a difference of two step times, as noisy as they are.
   row["update_cost_amortised_dT100"] = row["rigl_fn_over_step"] / UPDATE_EVERY
+  for m in UPDATE_METHODS:
+    if m == "rigl":
+      continue
+    row[f"{m}_fn_ms"] = 1e3 * med[f"{m}_fn"]
+    row[f"{m}_fn_over_step"] = med[f"{m}_fn"] / med["masked"]
+    row[f"{m}_fn_over_step_paired"] = paired(f"{m}_fn", "masked")
+    row[f"{m}_amortised_dT100"] = row[f"{m}_fn_over_step"] / UPDATE_EVERY
+    row[f"compile_{m}_fn_s"] = update_compile[m]
   log(f"[{name}] masked/dense {row['masked_over_dense']:.3f} (noise floor "
       f"{row['noise_floor']:.3f}), update {row['update_extra_over_step']:.3f} / "
-      f"rigl_fn {row['rigl_fn_over_step']:.3f} steps; {loop_s:.0f} s timed")
+      f"rigl_fn {row['rigl_fn_over_step']:.3f} set_fn {row['set_fn_over_step']:.3f} "
+      f"snfs_fn {row['snfs_fn_over_step']:.3f} rigl_sg_fn {row['rigl_sg_fn_over_step']:.3f} "
+      f"steps; {loop_s:.0f} s timed")
   return row
 
 
@@ -310,6 +347,12 @@ ROWS = [  # (metric, format), printed one per line, one column per model
     ("rigl_fn_ms", "{:.2f}"), ("rigl_fn_over_step", "{:.3f}"),
     ("rigl_fn_over_step_paired", "{:.3f}"),
     ("update_cost_amortised_dT100", "{:.5f}"),
+    ("set_fn_ms", "{:.2f}"), ("set_fn_over_step", "{:.3f}"),
+    ("set_fn_over_step_paired", "{:.3f}"), ("set_amortised_dT100", "{:.5f}"),
+    ("snfs_fn_ms", "{:.2f}"), ("snfs_fn_over_step", "{:.3f}"),
+    ("snfs_fn_over_step_paired", "{:.3f}"), ("snfs_amortised_dT100", "{:.5f}"),
+    ("rigl_sg_fn_ms", "{:.2f}"), ("rigl_sg_fn_over_step", "{:.3f}"),
+    ("rigl_sg_fn_over_step_paired", "{:.3f}"), ("rigl_sg_amortised_dT100", "{:.5f}"),
     ("compile_dense_s", "{:.1f}"), ("compile_masked_s", "{:.1f}"),
     ("compile_rigl_fn_s", "{:.1f}"), ("timed_loop_s", "{:.0f}"),
 ]
@@ -327,6 +370,32 @@ def format_table(rows):
   return "\n".join(lines)
 
 
+def summary_rows(result):
+  """(benchmark, model, metric, value, target, verdict) rows for ``run_all.py``."""
+  out = []
+  for r in result["rows"]:
+    m = r["model"]
+    conv = m != "lenet_300_100"
+    out.append(("core", m, "noise_floor (dense_again/dense)", f"{r['noise_floor']:.3f}", "", ""))
+    v = r["masked_over_dense"]
+    out.append(("core", m, "masked/dense step time", f"{v:.3f} (paired {r['masked_over_dense_paired']:.3f})",
+                "<= 1.05 (conv nets)", ("met" if v <= 1.05 else "MISSED") if conv else "n/a"))
+    out.append(("core", m, "opt overhead / dense step", f"{r['opt_overhead_over_step']:.4f}", "", ""))
+    for meth in UPDATE_METHODS:
+      over = r[f"{meth}_fn_over_step"]
+      amort = over / UPDATE_EVERY
+      if meth == "rigl":
+        out.append(("core", m, "rigl update / step", f"{over:.3f} (paired {r['rigl_fn_over_step_paired']:.3f})",
+                    "<= 0.05 on WRN-22-2", ("met" if over <= 0.05 else "MISSED")
+                    if m == "wrn_22_2" else "n/a"))
+      else:
+        out.append(("core", m, f"{meth} update / step",
+                    f"{over:.3f} (paired {r[f'{meth}_fn_over_step_paired']:.3f})", "", ""))
+      out.append(("core", m, f"{meth} update amortised dT=100", f"{100 * amort:.3f}% of step",
+                  "<= 1%", "met" if amort <= 0.01 else "MISSED"))
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
@@ -334,6 +403,8 @@ def main(argv=None):
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   parser.add_argument("--models", default=None,
                       help="comma-separated subset of " + ",".join(m[0] for m in MODELS))
+  parser.add_argument("--reps", type=int, default=None,
+                      help="override the repetitions of every model (fewer: faster, noisier)")
   args = parser.parse_args(argv)
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
 
@@ -347,13 +418,15 @@ def main(argv=None):
       if name not in selected:
         continue
       reps = reps or reps_full
+    if args.reps:
+      reps = args.reps
     if reps == 0:
       continue
     rows.append(bench_model(name, batch, hwc, reps, calls,
                             warmup=1 if name == "wrn_22_2" else 2, log=log))
   result = {
       "benchmark": "bench_core",
-      "config": {"method": "rigl", "sparsity": SPARSITY, "distribution": "erk",
+      "config": {"method": "rigl", "update_methods": list(UPDATE_METHODS), "sparsity": SPARSITY, "distribution": "erk",
                  "update_every": UPDATE_EVERY, "end_step": END_STEP,
                  "optimizer": "chain(add_decayed_weights(5e-4), sgd(0.1, momentum=0.9, "
                               "nesterov=True))",
