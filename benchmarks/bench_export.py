@@ -1,0 +1,138 @@
+"""Size and inference latency of exported sparse models against the dense model.
+
+Usage:
+  python benchmarks/bench_export.py                        # LeNet-300-100, LeNet-5 at 90%
+  python benchmarks/bench_export.py --sparsities 0.8 0.9 0.95
+  python benchmarks/bench_export.py --steps 300 --out bench_export.json   # shorter training
+
+For each model and sparsity it trains the quickstart config (mnist5k, RigL,
+ERK) into ``--root/<model>_<sparsity>`` with `rigl_jax.train.train_and_evaluate`
+(a finished run there is reused: it only re-evaluates), exports it with
+`rigl_jax.export`, and reports, from `rigl_jax.export.evaluate_export`:
+
+* the file size against the same params saved densely (``size_ratio``: plain
+  ``.npz``; ``vs deflated``: ``np.savez_compressed``, which already squeezes
+  the zeros of a masked dense array), and whether predictions match;
+* median latency of the sparse and the dense model at batch 1 and 128, jitted,
+  warm, calls interleaved, with the dense/sparse ratio (> 1: sparse faster),
+  and the minimum (best case) of each;
+* for LeNet-5 both conv modes: ``conv=dense`` (dense conv on the rebuilt
+  kernel, sparse fully connected layers) and ``conv=sparse`` (im2col + COO).
+
+Absolute times on a shared machine are noise; compare the ratios, which come
+from the same interleaved loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+
+import jax
+
+from rigl_jax import export, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ("lenet_300_100", "lenet5")
+
+
+def quickstart_config(model: str, sparsity: float, steps: int | None):
+  """``configs/quickstart.py`` with another model / sparsity / length."""
+  spec = importlib.util.spec_from_file_location(
+      "quickstart", os.path.join(REPO, "configs", "quickstart.py"))
+  quickstart = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(quickstart)
+  c = quickstart.get_config()
+  c.model, c.sparsity = model, sparsity
+  # The quickstart's learning rate is tuned for LeNet-300-100; LeNet-5 at 80% hit a
+  # non-finite loss at step 646 with it. Skipping such batches keeps the run going
+  # (the size and latency figures do not depend on it).
+  c.on_nonfinite = "skip"
+  if steps is not None:
+    full = 2100  # quickstart: 60 epochs of 35 steps
+    c.num_train_steps = steps
+    c.lr_drop_steps = tuple(int(s * steps / full) for s in c.lr_drop_steps)
+    c.update_every = max(1, min(c.update_every, steps // 10))
+    c.checkpoint_every = steps
+    c.log_every = max(1, steps // 4)
+  return c
+
+
+def row(report: dict, sparsity: float) -> dict:
+  """The table's numbers from one `evaluate_export` report."""
+  lat, best = report["latency_ms"], report["latency_min_ms"]
+  return {
+      "model": report["model"], "sparsity": sparsity, "conv": report["conv"],
+      "file_kb": report["file_bytes"] / 1e3, "dense_kb": report["dense_npz_bytes"] / 1e3,
+      "size_ratio": report["size_ratio"],
+      "vs_deflated": report["size_ratio_vs_dense_npz_deflated"],
+      "vs_orbax": report["size_ratio_vs_dense_orbax"],
+      "match": report["predictions_match"],
+      **{f"{kind}_b{b}_ms": lat[kind][b] for b in ("1", "128") for kind in ("sparse", "dense")},
+      **{f"speedup_b{b}": lat["dense"][b] / lat["sparse"][b] for b in ("1", "128")},
+      **{f"min_speedup_b{b}": best["dense"][b] / best["sparse"][b] for b in ("1", "128")},
+      "sparse_layers": [l["path"].split("/", 1)[1] for l in report["layers"]
+                        if l["inference"] == "sparse"],
+  }
+
+
+def print_table(rows: list[dict]) -> None:
+  print("| model | S | conv | file KB | dense KB | size ratio | vs deflated | vs orbax | "
+        "match | b1 sparse/dense ms | b1 speedup (min) | b128 sparse/dense ms | "
+        "b128 speedup (min) | sparse layers |")
+  print("|" + "---|" * 14)
+  for r in rows:
+    print(f"| {r['model']} | {r['sparsity']:.2f} | {r['conv']} | {r['file_kb']:.1f} | "
+          f"{r['dense_kb']:.1f} | {r['size_ratio']:.3f} | {r['vs_deflated']:.2f} | "
+          f"{r['vs_orbax']:.2f} | {r['match']} | "
+          f"{r['sparse_b1_ms']:.3f} / {r['dense_b1_ms']:.3f} | "
+          f"{r['speedup_b1']:.2f} ({r['min_speedup_b1']:.2f}) | "
+          f"{r['sparse_b128_ms']:.2f} / {r['dense_b128_ms']:.2f} | "
+          f"{r['speedup_b128']:.2f} ({r['min_speedup_b128']:.2f}) | "
+          f"{', '.join(r['sparse_layers'])} |")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+  parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9])
+  parser.add_argument("--steps", type=int, default=None,
+                      help="training steps (default: the quickstart's 2,100)")
+  parser.add_argument("--root", default="/tmp/rigl_jax/bench_export",
+                      help="where the runs are trained (reused when finished)")
+  parser.add_argument("--repeats", type=int, default=300, help="timed calls at batch 1")
+  parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+  args = parser.parse_args()
+
+  rows = []
+  for model in args.models:
+    for sparsity in args.sparsities:
+      workdir = os.path.join(args.root, f"{model}_{sparsity:g}"
+                             + (f"_{args.steps}steps" if args.steps else ""))
+      c = quickstart_config(model, sparsity, args.steps)
+      print(f"# {model} S={sparsity}: training into {workdir}", file=sys.stderr, flush=True)
+      train.train_and_evaluate(c, workdir)
+      run = export.load_run(workdir)
+      out_dir = os.path.join(workdir, "export")
+      export.export_run(run, out_dir)
+      for conv in ("dense", "sparse") if model == "lenet5" else ("dense",):
+        report = export.evaluate_export(
+            run, out_dir, conv=conv,
+            repeats={1: args.repeats, 128: max(args.repeats // 10, 10)})
+        rows.append(row(report, sparsity))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+  print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"jax {jax.__version__} ({jax.devices()[0].platform}); medians of interleaved calls, "
+        f"speedup = dense / sparse time (> 1: sparse faster), (min) = ratio of best cases\n")
+  print_table(rows)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

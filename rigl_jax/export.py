@@ -1,0 +1,721 @@
+"""Export a finished run as a small sparse model, and run inference from it.
+
+Command line::
+
+    python -m rigl_jax.export --workdir=DIR [--out=DIR/export]
+
+reads the run in ``DIR`` (``config.json`` and the newest good checkpoint),
+writes ``OUT/model.npz`` and ``OUT/manifest.json``, reloads them, checks the
+predictions against the masked dense model, times both, and prints one JSON
+object: sizes (``size_ratio`` is ``model.npz`` over the same params saved densely
+in a plain ``.npz``; the ratios to a deflated dense ``.npz``, to an orbax
+checkpoint of the params and to the run's checkpoint step are there too),
+``predictions_match``, ``latency_ms`` (medians) and ``latency_min_ms`` for the
+sparse and the dense model at batch 1 and 128, and per-layer details.
+
+File format (``FORMAT_VERSION`` 1)
+----------------------------------
+``model.npz`` is a zip archive written by ``np.savez_compressed`` (deflate).
+Keys are ``"<collection>/<leaf path>:<part>"``, e.g. ``params/fc1/kernel:values``:
+
+* a sparse kernel (a leaf with a mask that is not all-True) is stored as
+
+  - ``:bitmap``: ``np.packbits`` of its mask over the kernel reshaped to
+    ``(fan_in, fan_out)`` (all axes but the last, row-major): 1 bit per weight;
+  - ``:values``: the active weights in that row-major order, in the leaf's dtype.
+
+* every other leaf (biases, BatchNorm parameters and statistics, kernels left
+  dense by the distribution) is stored as it is, under ``:dense``.
+
+``manifest.json`` holds the model name and constructor arguments, the input
+shape, the checkpoint step, and per leaf: path, shape, dtype, encoding, number
+of active weights and stored bytes.
+
+Why a bitmap: after deflate it is the smallest index format we tried on the
+RigL masks of LeNet-300-100 (ERK, 90%): for ``fc1`` (784x300, density 0.080)
+the bitmap deflates from 29,400 to 13,689 bytes, while CSR column indices as
+uint16 take 37,428 bytes (18,649 deflated) and int32 COO pairs 149,712; only
+gap coding (uint8 gaps between active positions, with escapes) comes close
+(12,469 deflated) at the cost of an escape scheme. The 4-byte values
+(74,856 bytes for ``fc1``) dominate the file either way; they are stored
+losslessly so that the exported model computes the trained function.
+
+Inference (``load_exported``)
+-----------------------------
+The model is rebuilt from its name and run with `flax.linen.intercept_methods`:
+every ``nn.Dense`` whose kernel is sparse (and at most ``max_density`` dense;
+denser kernels are rebuilt densely in memory) computes ``x @ W`` from the
+active weights only (`coo_matmul`: a scan over
+chunks of active weights, each a gather of inputs and a scatter-add into the
+outputs; no dense kernel in memory). ``nn.Conv`` layers run
+XLA's dense convolution on the kernel rebuilt from the compressed form
+(``conv="dense"``, the default) or im2col and the same sparse product
+(``conv="sparse"``). Everything else (pooling, BatchNorm, activations) runs as
+in the original model.
+
+Honest numbers (2 shared CPU cores, ``benchmarks/bench_export.py``, quickstart
+runs, RigL ERK 90%): the file is 0.112x the params saved densely in a plain
+``.npz`` for both LeNet-300-100 (119.7 KB vs 1,068 KB) and LeNet-5 (192.8 KB vs
+1,727 KB); against a deflated dense ``.npz`` or an orbax checkpoint of the
+params (both already squeeze the zeros) it is 0.82x. Latency is not better:
+XLA's CPU backend spends about 1-5 ns per gathered or scattered weight against
+~0.1 ns per dense multiply-add, so at RigL's per-layer densities (4-25%) the
+sparse product is at parity with dense at best. LeNet-300-100 at 90%: batch 1
+0.86-1.0x (dense time / sparse time), batch 128 0.9-1.4x; at 95% 1.0-1.1x and
+1.0-1.3x. Sparse convs (im2col, ``conv="sparse"``) are 2x (batch 1) to 5x
+(batch 128) slower than dense ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import zipfile
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+PyTree = Any
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.npz"
+MANIFEST_FILE = "manifest.json"
+# Sparse kernels denser than this run as dense products at inference (see load_exported).
+DEFAULT_MAX_DENSITY = 0.1
+# coo_matmul works on chunks of COO_BLOCK // batch active weights (8192 x 4 bytes:
+# the chunk's gathered inputs fit in L1/L2 at any batch size).
+COO_BLOCK = 8192
+# Collections of flax variables that are exported (inference needs nothing else).
+COLLECTIONS = ("params", "batch_stats")
+
+
+class ExportError(ValueError):
+  """The workdir or the export directory cannot be used; the message says why."""
+
+
+# ----------------------------------------------------------------------------- loading a run
+
+
+class Run(NamedTuple):
+  """A finished run, restored for export."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  model_kwargs: dict           # get_model(config.model, **model_kwargs) rebuilds the model
+  input_shape: tuple           # one example, e.g. (28, 28, 1)
+  step: int                    # the restored checkpoint's step
+  variables: dict              # {"params": ..., "batch_stats": ...} as numpy arrays
+  masks: PyTree | None         # bool pytree like params; None for a dense run
+
+
+def _saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """``config.json`` of the run over the current defaults (older runs lack new fields)."""
+  from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ExportError(f"workdir {workdir!r} has no config.json: not the workdir of a "
+                      f"`python -m rigl_jax.main` run")
+  with open(path) as f:
+    saved = json.load(f)
+  merged = config_lib.base_config().to_dict()
+  merged.update(saved)
+  return ml_collections.ConfigDict(merged)
+
+
+def _total_steps(workdir: str, c) -> int:
+  """Training length; it only sets Python scalars of the optimizer, not state shapes."""
+  from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "summary.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      steps = json.load(f).get("steps")
+    if isinstance(steps, int) and steps > 0:
+      return steps
+  return max(config_lib.total_steps_hint(c) or 1, 1)
+
+
+def load_run(workdir: str) -> Run:
+  """Restores the newest good checkpoint of ``workdir`` (params, BN statistics, masks).
+
+  The restore target is built as in `rigl_jax.train.train_and_evaluate` (same
+  model, same optimizer, same `TrainState`), so the trainer's `Checkpointer`
+  verifies every leaf (shapes, dtypes, CRC32) and falls back to an older step
+  if the newest is damaged. No data is read: the input shape and the number of
+  classes come from `rigl_jax.data.INPUT_SPECS`.
+
+  Raises:
+    ExportError: no such directory, no config.json, no checkpoint.
+    rigl_jax.checkpoint.CheckpointRestoreError: checkpoints exist, none restores.
+  """
+  # pylint: disable=import-outside-toplevel
+  import rigl_jax
+  from rigl_jax import checkpoint as checkpoint_lib
+  from rigl_jax import config as config_lib
+  from rigl_jax import data as data_lib
+  from rigl_jax import models, train
+
+  if not os.path.isdir(workdir):
+    raise ExportError(f"workdir {workdir!r} does not exist")
+  c = _saved_config(workdir)
+  if c.dataset not in data_lib.INPUT_SPECS:
+    raise ExportError(f"config.json: unknown dataset {c.dataset!r}")
+  input_shape, num_classes = data_lib.INPUT_SPECS[c.dataset]
+  model_kwargs = {"num_classes": num_classes,
+                  "width_multiplier": config_lib.width_multiplier(c), "dtype": c.dtype}
+  model = models.get_model(c.model, num_classes=num_classes,
+                           width_multiplier=model_kwargs["width_multiplier"],
+                           dtype=jnp.dtype(c.dtype))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    raise ExportError(f"workdir {workdir!r} has no checkpoint in {ckpt_dir}; train first "
+                      f"(python -m rigl_jax.main --workdir={workdir} ...)")
+
+  sample = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+  key = jax.random.key(c.seed)
+  variables_shape = jax.eval_shape(lambda: model.init(key, sample, train=False))
+  params_shape = variables_shape["params"]
+  sparse = c.method not in config_lib.DENSE_METHODS
+  lottery_masks = None
+  if c.method == "lottery":  # any masks of the right shape: only the state's shape matters
+    lottery_masks = jax.tree.map(lambda s: np.ones(s.shape, bool), params_shape)
+  tx = train.make_optimizer(c, total=_total_steps(workdir, c), lottery_masks=lottery_masks)
+
+  def init_state():  # the shape of train_and_evaluate's init_state
+    variables = model.init(key, sample, train=False)
+    return train.TrainState(
+        step=jnp.zeros([], jnp.int32), params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
+        rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+        nonfinite_step=jnp.full([], -1, jnp.int32))
+
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                        jax.eval_shape(init_state))
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, max_to_keep=None)
+  try:
+    restored = ckpt.restore_latest(target)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise ExportError(f"workdir {workdir!r} has no committed checkpoint in {ckpt_dir}")
+  step, state = restored
+  host = lambda tree: jax.tree.map(np.asarray, jax.device_get(tree))
+  variables = {"params": host(state.params), "batch_stats": host(state.batch_stats)}
+  masks = host(rigl_jax.get_masks(state.opt_state)) if sparse else None
+  return Run(workdir=workdir, config=c, model=model, model_kwargs=model_kwargs,
+             input_shape=tuple(input_shape), step=int(step), variables=variables, masks=masks)
+
+
+# ----------------------------------------------------------------------------- format
+
+
+def _flat(tree) -> dict[str, Any]:
+  """{'fc1/kernel': leaf, ...} with the project's path strings."""
+  from rigl_jax import masks as masks_lib  # pylint: disable=import-outside-toplevel
+  return {masks_lib.path_to_str(p): leaf
+          for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflat(flat: dict[str, Any]) -> dict:
+  """Inverse of `_flat` for nested dicts (flax variables)."""
+  tree: dict = {}
+  for path, leaf in flat.items():
+    node = tree
+    *parents, last = path.split("/")
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[last] = leaf
+  return tree
+
+
+def encode_kernel(kernel: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+  """Bitmap + values of the active weights of ``kernel`` (see the module docstring)."""
+  kernel = np.asarray(kernel)
+  mask = np.asarray(mask, bool).reshape(kernel.shape)
+  return {"bitmap": np.packbits(mask.reshape(-1)), "values": kernel[mask]}
+
+
+def decode_kernel(parts: dict[str, np.ndarray], shape, dtype) -> tuple[np.ndarray, np.ndarray]:
+  """Inverse of `encode_kernel`: ``(dense kernel with zeros, bool mask)``."""
+  size = math.prod(shape)
+  mask = np.unpackbits(parts["bitmap"], count=size).astype(bool).reshape(shape)
+  kernel = np.zeros(shape, dtype)
+  kernel[mask] = parts["values"]
+  return kernel, mask
+
+
+def _is_sparse_leaf(leaf, mask) -> bool:
+  return mask is not None and np.ndim(leaf) >= 2 and not np.all(mask)
+
+
+def export_run(run: Run, out_dir: str) -> dict:
+  """Writes ``model.npz`` and ``manifest.json`` of ``run`` into ``out_dir``.
+
+  Returns the manifest (also written as ``manifest.json``).
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  arrays: dict[str, np.ndarray] = {}
+  layers = []
+  flat_masks = _flat(run.masks) if run.masks is not None else {}
+  for collection in COLLECTIONS:
+    for path, leaf in _flat(run.variables[collection]).items():
+      leaf = np.asarray(leaf)
+      mask = flat_masks.get(path) if collection == "params" else None
+      key = f"{collection}/{path}"
+      if _is_sparse_leaf(leaf, mask):
+        parts = encode_kernel(leaf, mask)
+        encoding, nnz = "bitmap", int(parts["values"].size)
+      else:
+        parts, encoding, nnz = {"dense": leaf}, "dense", int(leaf.size)
+      for name, array in parts.items():
+        arrays[f"{key}:{name}"] = array
+      layers.append({"path": key, "shape": list(leaf.shape), "dtype": str(leaf.dtype),
+                     "encoding": encoding, "nnz": nnz, "density": nnz / max(leaf.size, 1)})
+  model_path = os.path.join(out_dir, MODEL_FILE)
+  tmp = model_path + ".tmp.npz"
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, model_path)
+  with zipfile.ZipFile(model_path) as z:  # what each leaf costs in the file
+    stored = {info.filename[:-len(".npy")]: info.compress_size for info in z.infolist()}
+  for layer in layers:
+    layer["stored_bytes"] = sum(v for k, v in stored.items() if k.split(":")[0] == layer["path"])
+  c = run.config
+  manifest = {
+      "format_version": FORMAT_VERSION,
+      "model": c.model, "model_kwargs": run.model_kwargs,
+      "input_shape": list(run.input_shape), "dataset": c.dataset,
+      "method": c.method, "sparsity": c.sparsity, "step": run.step,
+      "model_file": MODEL_FILE, "file_bytes": os.path.getsize(model_path),
+      "layers": layers,
+  }
+  tmp = os.path.join(out_dir, MANIFEST_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=2)
+  os.replace(tmp, os.path.join(out_dir, MANIFEST_FILE))
+  return manifest
+
+
+# ----------------------------------------------------------------------------- sparse inference
+
+
+def coo_from_dense(kernel2d: np.ndarray, mask2d: np.ndarray) -> dict[str, np.ndarray]:
+  """The active weights of a masked 2-D kernel as COO arrays for `coo_matmul`:
+  ``rows`` (input index) and ``cols`` (output index), int32, and ``vals``, in
+  row-major order."""
+  rows, cols = np.nonzero(mask2d)
+  return {"rows": rows.astype(np.int32), "cols": cols.astype(np.int32),
+          "vals": kernel2d[rows, cols]}
+
+
+def coo_matmul(x: jax.Array, rows: jax.Array, cols: jax.Array, vals: jax.Array,
+               fan_out: int) -> jax.Array:
+  """``x @ W`` for ``x`` (B, fan_in) and ``W`` (fan_in, fan_out) given by `coo_from_dense`.
+
+  For every active weight, gathers its input (a row of ``x.T``: B contiguous
+  values), scales it and scatter-adds it into its output: ``B * nnz``
+  multiply-adds instead of ``B * fan_in * fan_out``. The weights are taken in
+  chunks of ``COO_BLOCK // B`` (at least 64) by a `jax.lax.scan`, so that the
+  (chunk, B) products stay in cache. Measured on LeNet-300-100's ``fc1``
+  (784x300, 8% dense) alone: in one piece at batch 128, XLA's CPU backend
+  materialises a (nnz, B) array (9.6 MB) and the product was 2-3x slower than
+  the dense one; in chunks it was 1.2-1.9x faster. At batch 1 one large chunk
+  is best (each scan step adds a few thunks) and is at parity with dense.
+  BCOO (the same gather/scatter, plus sorting) and ELLPACK (padded to the
+  longest output row, which RigL makes 3-4x the mean; 20-40x slower than dense
+  at batch 128) were slower.
+  """
+  batch, n = x.shape[0], rows.shape[0]
+  chunk = max(COO_BLOCK // max(batch, 1), 64)
+  xt = x.T
+
+  def add(out, r, c, v):
+    return out.at[c].add(xt[r] * v[:, None])
+
+  out = jnp.zeros((fan_out, batch), x.dtype)
+  done = (n // chunk) * chunk if n >= 2 * chunk else 0
+  if done:
+    chunks = tuple(a[:done].reshape(-1, chunk) for a in (rows, cols, vals))
+    out, _ = jax.lax.scan(lambda o, rcv: (add(o, *rcv), None), out, chunks)
+  if done < n:
+    out = add(out, rows[done:], cols[done:], vals[done:])
+  return out.T
+
+
+def _conv_geometry(module: nn.Module):
+  """``(strides, padding)`` of a plain 2-D `nn.Conv` that im2col reproduces, else None
+  (grouped or dilated convs, circular or causal padding, other modules)."""
+  if not isinstance(module, nn.Conv) or module.feature_group_count != 1:
+    return None
+  for dilation in (module.input_dilation, module.kernel_dilation):
+    if dilation is not None and any(d != 1 for d in np.atleast_1d(dilation)):
+      return None
+  padding = module.padding
+  if isinstance(padding, str):
+    if padding not in ("SAME", "VALID"):
+      return None
+  elif isinstance(padding, int):
+    padding = [(padding, padding)] * 2
+  else:
+    padding = [tuple(np.atleast_1d(p).tolist()) * (2 if np.size(p) == 1 else 1)
+               for p in padding]
+  strides = module.strides if module.strides is not None else 1
+  strides = tuple(int(s) for s in np.broadcast_to(np.asarray(strides), (2,)))
+  return strides, padding
+
+
+def _layer_kinds(model: nn.Module, input_shape) -> dict[str, str]:
+  """``{kernel path: "dense" | "conv" | "other"}`` for every module call of the model,
+  found by tracing one abstract forward pass."""
+  kinds: dict[str, str] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__":
+      path = "/".join(module.path + ("kernel",))
+      if isinstance(module, nn.Dense):
+        kinds[path] = "dense"
+      elif _conv_geometry(module) is not None:
+        kinds[path] = "conv"
+      else:
+        kinds.setdefault(path, "other")
+    return next_fun(*args, **kwargs)
+
+  sample = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), sample, train=False))
+  return kinds
+
+
+def _sparse_apply(model: nn.Module, kernel_shapes: dict[str, tuple]):
+  """``fn(weights, x)``: ``model.apply`` with the layers in ``weights["sparse"]`` run
+  as `coo_matmul` (4-D conv kernels on im2col patches); every other layer runs
+  unchanged from ``weights["variables"]``. ``kernel_shapes``: their kernel shapes."""
+
+  def fn(weights, x):
+    sparse = weights["sparse"]
+
+    def interceptor(next_fun, args, kwargs, context):
+      module = context.module
+      path = "/".join(module.path + ("kernel",))
+      if context.method_name != "__call__" or path not in sparse:
+        return next_fun(*args, **kwargs)
+      (inputs,) = args
+      layer, shape = sparse[path], kernel_shapes[path]
+      if len(shape) == 4:  # a plain conv (see _conv_geometry)
+        strides, padding = _conv_geometry(module)
+        # Patch features come out in (cin, kh, kw) order; the COO rows were permuted
+        # to match at load time.
+        inputs = jax.lax.conv_general_dilated_patches(
+            inputs, shape[:2], strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      flat = inputs.reshape(-1, inputs.shape[-1]).astype(layer["vals"].dtype)
+      y = coo_matmul(flat, layer["rows"], layer["cols"], layer["vals"], shape[-1])
+      y = y.reshape(inputs.shape[:-1] + (shape[-1],))
+      if "bias" in layer:
+        y = y + layer["bias"]
+      return jnp.asarray(y, module.dtype or inputs.dtype)
+
+    with nn.intercept_methods(interceptor):
+      return model.apply(weights["variables"], x, train=False)
+
+  return fn
+
+
+class Exported(NamedTuple):
+  """What `load_exported` returns (a tuple: ``model_fn, dense_fn, variables, ...``)."""
+  model_fn: Callable[[Any], jax.Array]   # (B, *input_shape) -> float32 logits, sparse kernels
+  dense_fn: Callable[[Any], jax.Array]   # the same model on the dense (masked) kernels
+  variables: dict                        # dense flax variables decoded from the file (numpy)
+  manifest: dict
+  model: nn.Module
+  layer_modes: dict                      # kernel path -> "sparse" | "dense" at inference
+
+
+def load_exported(path: str, *, conv: str = "dense",
+                  max_density: float = DEFAULT_MAX_DENSITY) -> Exported:
+  """Loads an export directory (or its ``model.npz``) for inference.
+
+  Args:
+    path: the ``--out`` directory of an export, or the ``model.npz`` in it.
+    conv: how sparse conv kernels run: ``"dense"`` (XLA's convolution on the
+      kernel rebuilt from the compressed weights) or ``"sparse"`` (im2col, then
+      the COO product). Sparse `nn.Dense` kernels always use the COO product;
+      sparse kernels of any other module run densely.
+    max_density: sparse kernels denser than this run densely too: on XLA's CPU
+      backend `coo_matmul` lost to the dense product above roughly 10% density
+      at batch 1 and 128 (784x300, 300x100 and 800x500 kernels).
+
+  Returns:
+    `Exported`. Both functions are jitted; the weights are on the device and
+    passed as arguments (not baked into the compiled code).
+
+  Raises:
+    ExportError: not an export directory, or another format version.
+  """
+  from rigl_jax import models  # pylint: disable=import-outside-toplevel
+  if conv not in ("dense", "sparse"):
+    raise ValueError(f"conv must be 'dense' or 'sparse', got {conv!r}")
+  directory = os.path.dirname(path) if path.endswith(".npz") else path
+  manifest_path = os.path.join(directory, MANIFEST_FILE)
+  if not os.path.isfile(manifest_path):
+    raise ExportError(f"{directory!r} holds no {MANIFEST_FILE}: not an export directory")
+  with open(manifest_path) as f:
+    manifest = json.load(f)
+  if manifest.get("format_version") != FORMAT_VERSION:
+    raise ExportError(f"{manifest_path}: format_version {manifest.get('format_version')!r}; "
+                      f"this code reads {FORMAT_VERSION}")
+  kw = manifest["model_kwargs"]
+  model = models.get_model(manifest["model"], num_classes=kw["num_classes"],
+                           width_multiplier=kw["width_multiplier"], dtype=jnp.dtype(kw["dtype"]))
+  kinds = _layer_kinds(model, manifest["input_shape"])
+
+  decoded: dict[str, np.ndarray] = {}    # every leaf, dense: the reference model's variables
+  sparse: dict[str, dict] = {}           # kernel path -> COO arrays (+ bias)
+  kernel_shapes: dict[str, tuple] = {}
+  layer_modes: dict[str, str] = {}
+  with np.load(os.path.join(directory, manifest["model_file"])) as npz:
+    for layer in manifest["layers"]:
+      key, shape = layer["path"], tuple(layer["shape"])
+      if layer["encoding"] == "dense":
+        decoded[key] = npz[f"{key}:dense"]
+        continue
+      kernel, mask = decode_kernel({p: npz[f"{key}:{p}"] for p in ("bitmap", "values")},
+                                   shape, np.dtype(layer["dtype"]))
+      decoded[key] = kernel
+      path = key.split("/", 1)[1]
+      kind = kinds.get(path, "other")
+      if (kind == "other" or layer["density"] > max_density
+          or (kind == "conv" and (conv == "dense" or len(shape) != 4))):
+        layer_modes[path] = "dense"
+        continue
+      if kind == "conv":  # rows (kh, kw, cin) -> im2col's (cin, kh, kw)
+        kernel, mask = (a.transpose(2, 0, 1, 3) for a in (kernel, mask))
+      sparse[path] = coo_from_dense(kernel.reshape(-1, shape[-1]), mask.reshape(-1, shape[-1]))
+      kernel_shapes[path] = shape
+      layer_modes[path] = "sparse"
+
+  # The sparse model's flax variables: everything except the kernels (and their
+  # biases) that run as COO products, which those modules never read.
+  variables = _unflat(decoded)
+  run_flat = dict(decoded)
+  for path, layer in sparse.items():
+    del run_flat[f"params/{path}"]
+    bias = f"params/{path[:-len('kernel')]}bias"
+    if bias in run_flat:
+      layer["bias"] = run_flat.pop(bias)
+  weights = jax.device_put({"variables": _unflat(run_flat), "sparse": sparse})
+  dense_variables = jax.device_put(variables)
+  sparse_jit = jax.jit(_sparse_apply(model, kernel_shapes))
+  dense_jit = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  return Exported(model_fn=lambda x: sparse_jit(weights, x),
+                  dense_fn=lambda x: dense_jit(dense_variables, x),
+                  variables=variables, manifest=manifest, model=model, layer_modes=layer_modes)
+
+
+# ----------------------------------------------------------------------------- checks and report
+
+
+def _dir_bytes(path: str) -> int:
+  """Total size of the files under ``path``."""
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
+
+
+def dense_reference_sizes(variables: dict) -> dict[str, int]:
+  """Bytes of the same (dense, masked) variables saved densely: as a plain ``.npz``
+  (np.savez, 4 bytes a float32 weight), as a deflated ``.npz`` (np.savez_compressed,
+  the export's own container) and as an orbax checkpoint (params and BN statistics
+  only, no optimizer state)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  arrays = {f"{k}:dense": np.asarray(v) for k, v in _flat(variables).items()}
+  sizes = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for name, save in (("dense_npz_bytes", np.savez),
+                       ("dense_npz_deflated_bytes", np.savez_compressed)):
+      file = os.path.join(tmp, f"{name}.npz")
+      save(file, **arrays)
+      sizes[name] = os.path.getsize(file)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, "orbax"), variables)
+    sizes["dense_orbax_bytes"] = _dir_bytes(os.path.join(tmp, "orbax"))
+  return sizes
+
+
+def check_batch(run: Run, size: int = 128) -> tuple[np.ndarray, str]:
+  """``size`` test images of the run's dataset, or seeded standard-normal inputs when
+  the data cannot be read here (tfds data not prepared, TensorFlow missing)."""
+  from rigl_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  c = run.config
+  try:
+    pipeline = data_lib.get_pipeline(
+        c.dataset, global_batch_size=c.batch_size, eval_batch_size=size, seed=c.seed,
+        validation_size=None if c.validation_size < 0 else c.validation_size,
+        data_dir=c.data_dir or None)
+    images = np.asarray(next(iter(pipeline.eval_batches("test")))["image"])[:size]
+    if images.shape[0] == size:
+      return images.astype(np.float32), f"{c.dataset} test split"
+  except Exception:  # pylint: disable=broad-except  # any failure: fall back to noise
+    pass
+  rng = np.random.default_rng(0)
+  return rng.standard_normal((size,) + run.input_shape).astype(np.float32), "random normal"
+
+
+def interleaved_latency_ms(fns: dict[str, Callable], x, repeats: int) -> dict[str, dict]:
+  """Wall time (ms) of each warm function on ``x``: ``{name: {"median", "min"}}``.
+
+  Each repetition calls every function once, the order reversed on odd
+  repetitions, so that load from other processes hits all of them alike. The
+  median is the figure to quote; the minimum is the best case, a steadier
+  estimate of the uncontended cost on a shared machine.
+  """
+  x = jax.device_put(x)
+  for fn in fns.values():  # compile and warm up
+    for _ in range(3):
+      jax.block_until_ready(fn(x))
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  names = list(fns)
+  for r in range(repeats):
+    for name in names if r % 2 == 0 else names[::-1]:
+      start = time.perf_counter()
+      jax.block_until_ready(fns[name](x))
+      times[name].append(time.perf_counter() - start)
+  return {name: {"median": 1e3 * statistics.median(t), "min": 1e3 * min(t)}
+          for name, t in times.items()}
+
+
+def evaluate_export(run: Run, out_dir: str, *, conv: str = "dense",
+                    max_density: float = DEFAULT_MAX_DENSITY, batch_sizes=(1, 128),
+                    repeats: dict | int | None = None) -> dict:
+  """Reloads the export in ``out_dir`` and measures it against the masked dense model.
+
+  Returns the report printed by the command line: sizes and ratios, whether the
+  predictions match on a batch of 128, interleaved median latencies of the
+  sparse and the dense model per batch size, and per-layer details. ``repeats``:
+  timed calls per model, one number or one per batch size (default 200 at
+  batch 1, 40 above).
+  """
+  exported = load_exported(out_dir, conv=conv, max_density=max_density)
+  manifest = exported.manifest
+  # The masked dense model straight from the checkpoint: the reference.
+  masks = _flat(run.masks) if run.masks is not None else {}
+  reference = {c: {p: np.where(masks[p], v, 0) if p in masks and c == "params" else v
+                   for p, v in _flat(run.variables[c]).items()} for c in COLLECTIONS}
+  reference = {c: _unflat(v) for c, v in reference.items()}
+  roundtrip = all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(reference), jax.tree.leaves(exported.variables)))
+
+  images, source = check_batch(run)
+  ref_logits = np.asarray(jax.jit(lambda v, x: run.model.apply(v, x, train=False))(
+      reference, images))
+  logits = np.asarray(exported.model_fn(images))
+  argmax_equal = bool(np.array_equal(ref_logits.argmax(-1), logits.argmax(-1)))
+  close = bool(np.allclose(logits, ref_logits, rtol=1e-4, atol=1e-4))
+
+  if isinstance(repeats, int):
+    repeats = {b: repeats for b in batch_sizes}
+  repeats = repeats or {}
+  latency = {"sparse": {}, "dense": {}}
+  latency_min = {"sparse": {}, "dense": {}}
+  for b in batch_sizes:
+    x = np.resize(images, (b,) + images.shape[1:])
+    ms = interleaved_latency_ms({"sparse": exported.model_fn, "dense": exported.dense_fn}, x,
+                                repeats.get(b, 200 if b == 1 else 40))
+    for name in latency:
+      latency[name][str(b)] = round(ms[name]["median"], 4)
+      latency_min[name][str(b)] = round(ms[name]["min"], 4)
+
+  file_bytes = os.path.getsize(os.path.join(out_dir, manifest["model_file"]))
+  sizes = dense_reference_sizes(reference)
+  ckpt_dir = os.path.join(run.workdir, "checkpoints", str(run.step))
+  sizes["checkpoint_dir_bytes"] = _dir_bytes(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+  layers = []
+  for layer in manifest["layers"]:
+    path = layer["path"].split("/", 1)[1]
+    itemsize = np.dtype(layer["dtype"]).itemsize
+    layers.append({**layer, "dense_bytes": math.prod(layer["shape"]) * itemsize,
+                   "inference": exported.layer_modes.get(path, "dense")})
+  sparse_kernels = [l for l in manifest["layers"] if l["encoding"] != "dense"]
+  kernel_sizes = [math.prod(l["shape"]) for l in manifest["layers"] if len(l["shape"]) >= 2]
+  return {
+      "model": manifest["model"], "method": manifest["method"],
+      "sparsity": manifest["sparsity"], "step": manifest["step"], "out": out_dir,
+      "format": "npz (deflate); sparse kernels as packbits bitmap over (fan_in, fan_out) "
+                "+ float values of the active weights; other leaves dense",
+      "kernel_density": (sum(l["nnz"] for l in manifest["layers"] if len(l["shape"]) >= 2)
+                         / max(sum(kernel_sizes), 1)),
+      "sparse_kernels": len(sparse_kernels),
+      "file_bytes": file_bytes,
+      "manifest_bytes": os.path.getsize(os.path.join(out_dir, MANIFEST_FILE)),
+      **sizes,
+      "size_ratio": file_bytes / sizes["dense_npz_bytes"],
+      "size_ratio_vs_dense_npz_deflated": file_bytes / sizes["dense_npz_deflated_bytes"],
+      "size_ratio_vs_dense_orbax": file_bytes / sizes["dense_orbax_bytes"],
+      "size_ratio_vs_checkpoint_dir": (file_bytes / sizes["checkpoint_dir_bytes"]
+                                       if sizes["checkpoint_dir_bytes"] else None),
+      "roundtrip_exact": roundtrip,
+      "predictions_match": argmax_equal and close,
+      "argmax_equal": argmax_equal,
+      "max_abs_logit_diff": float(np.max(np.abs(logits - ref_logits))),
+      "check_batch": {"size": int(images.shape[0]), "source": source},
+      "conv": conv, "max_density": max_density,
+      "latency_ms": latency,
+      "speedup": {b: round(latency["dense"][b] / latency["sparse"][b], 3)
+                  for b in latency["sparse"]},
+      "latency_min_ms": latency_min,
+      "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
+      "layers": layers,
+  }
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def export_and_report(workdir: str, out_dir: str | None = None, **kwargs) -> dict:
+  """`load_run`, `export_run` into ``out_dir`` (default ``WORKDIR/export``), then
+  `evaluate_export`; returns its report."""
+  run = load_run(workdir)
+  out_dir = out_dir or os.path.join(workdir, "export")
+  export_run(run, out_dir)
+  return {"workdir": workdir, **evaluate_export(run, out_dir, **kwargs)}
+
+
+def main(argv) -> None:
+  """``python -m rigl_jax.export``: prints the report as one JSON object on stdout;
+  a bad workdir prints ``error: ...`` on stderr and exits with code 2."""
+  # pylint: disable=import-outside-toplevel
+  from absl import app, flags, logging
+  from rigl_jax import checkpoint as checkpoint_lib
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
+  f = flags.FLAGS
+  try:
+    report = export_and_report(f.workdir, f.out, conv=f.conv, max_density=f.max_density,
+                               repeats={1: f.repeats, 128: max(f.repeats // 5, 5)})
+  except (ExportError, checkpoint_lib.CheckpointRestoreError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "Workdir of a finished `python -m rigl_jax.main` run.")
+  flags.DEFINE_string("out", None, "Export directory (default: WORKDIR/export).")
+  flags.DEFINE_enum("conv", "dense", ["dense", "sparse"],
+                    "Sparse conv kernels at inference: dense conv on the rebuilt kernel, "
+                    "or im2col + sparse product.")
+  flags.DEFINE_float("max_density", DEFAULT_MAX_DENSITY,
+                     "Sparse kernels denser than this run as dense products.")
+  flags.DEFINE_integer("repeats", 200, "Timed calls per model at batch 1 (a fifth at 128).")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
