@@ -107,8 +107,7 @@ def custom_from_run(c) -> dict[str, float]:
     raise config_lib.ConfigError(
         f"config.distribution_source: {c.distribution_source!r} has no summary.json; it "
         f"must be the workdir of a finished sparse run")
-  with open(path) as f:
-    summary = json.load(f)
+  summary = _read_json(path, "distribution_source")
   if summary.get("model") != c.model or not summary.get("layer_densities"):
     raise config_lib.ConfigError(
         f"config.distribution_source: the run in {c.distribution_source!r} trained a sparse "
@@ -259,6 +258,18 @@ def _write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def _read_json(path: str, field: str) -> dict:
+  """A JSON object from a file; a damaged file is a ConfigError naming ``field``."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(f"config.{field}: cannot read {path}: {e}") from None
+  if not isinstance(obj, dict):
+    raise config_lib.ConfigError(f"config.{field}: {path} does not hold a JSON object")
+  return obj
+
+
 def _config_dict(c) -> dict:
   return json.loads(c.to_json_best_effort())
 
@@ -273,8 +284,7 @@ def check_workdir_config(c, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path) or c.overwrite:
     return
-  with open(path) as f:
-    saved = json.load(f)
+  saved = _read_json(path, "overwrite")
   asked = _config_dict(c)
   diff = sorted(k for k in set(saved) | set(asked)
                 if k not in _RESUMABLE_FIELDS and saved.get(k) != asked.get(k))
@@ -361,8 +371,7 @@ def load_lottery_source(c, params_shape):
       raise config_lib.ConfigError(
           f"config.source_workdir: {source!r} has no {name}; it must be the workdir of a "
           f"finished sparse run (e.g. method 'pruning')")
-  with open(os.path.join(source, "config.json")) as f:
-    source_config = json.load(f)
+  source_config = _read_json(os.path.join(source, "config.json"), "source_workdir")
   for field in ("model", "dataset"):
     if source_config.get(field) != c[field]:
       raise config_lib.ConfigError(
