@@ -49,6 +49,8 @@ taken in the same loop, because absolute times on a shared machine are noise.
 
 from __future__ import annotations
 
+import table  # benchmarks/table.py (the script's folder is on sys.path)
+
 import argparse
 import json
 import os
@@ -366,14 +368,7 @@ ROWS = [  # (metric, format), printed one per line, one column per model
 
 def format_table(rows):
   """Metrics as rows, one column per model."""
-  table = [["metric"] + [r["model"] for r in rows]]
-  table += [[key] + [fmt.format(r[key]) for r in rows] for key, fmt in ROWS]
-  widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-  fmt_line = lambda cells: " | ".join(
-      [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
-  lines = [fmt_line(line) for line in table]
-  lines.insert(1, "-+-".join("-" * w for w in widths))
-  return "\n".join(lines)
+  return table.metric_table(rows, "model", ROWS)
 
 
 def summary_rows(result):

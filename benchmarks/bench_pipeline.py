@@ -37,6 +37,8 @@ the clock starts). Read:
 
 from __future__ import annotations
 
+import table  # benchmarks/table.py (the script's folder is on sys.path)
+
 import argparse
 import contextlib
 import json
@@ -218,14 +220,7 @@ ROWS = [
 
 
 def format_table(rows):
-  table = [["metric"] + [r["case"] for r in rows]]
-  table += [[key] + [fmt.format(r[key]) for r in rows] for key, fmt in ROWS]
-  widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-  fmt_line = lambda cells: " | ".join(
-      [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
-  lines = [fmt_line(line) for line in table]
-  lines.insert(1, "-+-".join("-" * w for w in widths))
-  return "\n".join(lines)
+  return table.metric_table(rows, "case", ROWS)
 
 
 def summary_rows(result):
