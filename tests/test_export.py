@@ -10,26 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rigl_jax import config as config_lib
 from rigl_jax import export, models, train
+from test_train import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides):
   """LeNet-300-100 on mnist5k, RigL ERK 90%, 20 steps: a few seconds on CPU."""
-  c = config_lib.base_config()
-  c.model, c.dataset = "lenet_300_100", "mnist5k"
-  c.method, c.sparsity = "rigl", 0.9
-  c.batch_size, c.eval_batch_size = 50, 250
-  c.num_train_steps = 20
-  c.update_every = 10
-  c.lr_drop_steps = (15,)
-  c.log_every = 10
-  c.checkpoint_every = 20
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  overrides = {"method": "rigl", "sparsity": 0.9, "num_train_steps": 20,
+               "lr_drop_steps": (15,), **overrides}
+  return small_config(**overrides)
 
 
 @pytest.fixture(scope="module")
