@@ -52,7 +52,6 @@ from __future__ import annotations
 import table  # benchmarks/table.py (the script's folder is on sys.path)
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -443,13 +442,7 @@ def main(argv=None):
       "total_s": time.perf_counter() - t0,
       "rows": rows,
   }
-  print(format_table(rows))
-  print(f"load average before/after: {load_before[0]:.2f} / {result['machine']['loadavg_after'][0]:.2f}"
-        f"; total {result['total_s']:.0f} s")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
-  return result
+  return table.finish(result, format_table(rows), args.out)
 
 
 if __name__ == "__main__":

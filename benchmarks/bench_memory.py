@@ -31,8 +31,9 @@ Usage:
 
 from __future__ import annotations
 
+import table  # benchmarks/table.py (the script's folder is on sys.path)
+
 import argparse
-import json
 import os
 import platform
 import sys
@@ -240,12 +241,7 @@ def main(argv=None):
             "machine": {"platform": platform.platform(), "jax": jax.__version__,
                         "backend": jax.default_backend()},
             "total_s": time.perf_counter() - t0, "rows": rows}
-  print(format_tables(rows))
-  print(f"total {result['total_s']:.0f} s")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
-  return result
+  return table.finish(result, format_tables(rows), args.out)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import table  # benchmarks/table.py (the script's folder is on sys.path)
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -270,13 +269,7 @@ def main(argv=None):
                   "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
       "total_s": time.perf_counter() - t0, "rows": rows,
   }
-  print(format_table(rows))
-  print(f"load average before/after: {load_before[0]:.2f} / "
-        f"{result['machine']['loadavg_after'][0]:.2f}; total {result['total_s']:.0f} s")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
-  return result
+  return table.finish(result, format_table(rows), args.out)
 
 
 if __name__ == "__main__":

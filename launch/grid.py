@@ -295,3 +295,13 @@ def read_manifest(sweep_dir: str) -> dict | None:
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def check_command_line(argv, config: str | None, sweep_dir: str | None) -> str:
+  """The launch tools' shared checks; returns the config file's absolute path."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not config or not sweep_dir:
+    raise app.UsageError("--config and --sweep_dir are required")
+  return os.path.abspath(config)

@@ -110,11 +110,7 @@ def plan(config_path: str, sweep_dir: str, *, common_assignments=(), **grid_args
 
 def main(argv):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.config or not FLAGS.sweep_dir:
-    raise app.UsageError("--config and --sweep_dir are required")
-  config_path = os.path.abspath(FLAGS.config)
+  config_path = grid.check_command_line(argv, FLAGS.config, FLAGS.sweep_dir)
   sweep_dir = FLAGS.sweep_dir
   try:
     runs, common, base = plan(

@@ -288,11 +288,7 @@ def define_flags():
 
 def main(argv):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.config or not FLAGS.sweep_dir:
-    raise app.UsageError("--config and --sweep_dir are required")
-  config_path = os.path.abspath(FLAGS.config)
+  config_path = grid.check_command_line(argv, FLAGS.config, FLAGS.sweep_dir)
   try:
     base = grid.load_config_module(config_path).get_config()
     fixed = grid.parse_assignments(FLAGS.set, base)
