@@ -15,9 +15,11 @@ job that may be SIGKILLed at any moment needs:
   `Checkpointer` is created (``cleanup_tmp_directories=True``).
 * **Corruption detection.** Every save records a manifest (tree paths, shapes,
   dtypes and a CRC32 of each leaf's bytes) in the step's orbax metadata. A
-  restore is accepted only if orbax reads the step without error *and* the
-  restored tree matches the manifest and the target. Without the CRC, a
-  flipped byte in a data file restores silently as wrong numbers.
+  restore is accepted only if every stored value reads back (checked one
+  value at a time before orbax sees the step), orbax reads the step without
+  error, *and* the restored tree matches the manifest and the target.
+  Without the CRC, a flipped byte in a data file restores silently as wrong
+  numbers.
 * **Fallback.** `restore_latest` walks from the newest step to older ones,
   logs a warning naming each unusable step, and returns the newest good one.
   The bad newer steps are moved to ``<directory>/quarantine/`` so that the
@@ -53,6 +55,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
@@ -165,6 +168,26 @@ def _verify(restored: PyTree, target: PyTree, manifest: dict[str, Any]):
       if not leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
         raise _BadCheckpoint(f"{name}: sharding {leaf.sharding} != target "
                              f"{sharding}")
+
+
+def _check_readable(item_dir: epath.Path):
+  """Reads every value of the item's OCDBT store once, one at a time.
+
+  A truncated or missing data file then fails here, synchronously, instead
+  of inside orbax's concurrent restore: there, the first failed read closes
+  orbax's event loop while tensorstore still completes the other reads, and
+  each of those prints an "Event loop is closed" traceback to stderr from a
+  background thread, interleaved with the trainer's own output.
+  """
+  base = str(item_dir)
+  if "://" not in base:
+    base = "file://" + base
+  try:
+    store = ts.KvStore.open({"driver": "ocdbt", "base": base.rstrip("/") + "/"}).result()
+    for key in store.list().result():
+      store.read(key).result()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _BadCheckpoint(f"unreadable data in {item_dir}: {e}") from e
 
 
 def _abstract(x):
@@ -334,6 +357,7 @@ class Checkpointer:
     # lock this manager into multi-item mode and fail every later restore.
     if not (step_dir / _ITEM_DIR).is_dir():
       raise _BadCheckpoint(f"missing item folder {step_dir / _ITEM_DIR}")
+    _check_readable(step_dir / _ITEM_DIR)
     restored = self._manager.restore(
         step, args=ocp.args.StandardRestore(abstract))
     # Read after `restore`: before it, a fresh manager does not know the

@@ -50,7 +50,9 @@ EXIT_DIVERGED = 3   # a non-finite loss or gradient with on_nonfinite="stop"
 
 def _fail(message, code: int):
   """Ends the process with ``error: MESSAGE`` on one line of stderr."""
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  # One write call, so that output from other threads cannot split the line.
+  sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
+  sys.stderr.flush()
   sys.exit(code)
 
 
