@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from rigl_jax import masks as masks_lib
 from rigl_jax import schedules
@@ -55,6 +56,9 @@ class UpdateContext(NamedTuple):
   start_step: int | None = None
   end_step: int | None = None
   update_every: int | None = None
+  # The inner optimizer's state after this step's update (before any reset),
+  # for methods that read its momentum. None where a caller built the context.
+  inner_state: PyTree = None
 
 
 # Below every real score: marks entries a top-k must not pick.
@@ -345,6 +349,33 @@ class _GradientMomentum(Method):
                         state, grads)
 
 
+# Field names under which optax states keep a params-shaped first moment:
+# TraceState.trace (sgd momentum), ScaleByAdamState.mu (adam, adamw, ...).
+_MOMENTUM_FIELDS = ("trace", "mu")
+
+
+def optimizer_momentum(inner_state: PyTree, params: PyTree) -> PyTree:
+  """The params-shaped momentum inside an optax state.
+
+  The first ``trace`` (``optax.trace``, ``optax.sgd(momentum=...)``) or ``mu``
+  (``optax.adam`` and relatives) field, at any depth (chains,
+  ``inject_hyperparams``), whose tree structure is that of ``params``.
+
+  Raises:
+    ValueError: there is none (e.g. ``optax.sgd`` without momentum).
+  """
+  want = jax.tree.structure(params)
+  for name in _MOMENTUM_FIELDS:
+    for _, value in optax.tree_utils.tree_get_all_with_path(inner_state, name):
+      if jax.tree.structure(value) == want:
+        return value
+  raise ValueError(
+      "SNFS(momentum_source='optimizer') needs an inner optimizer with momentum "
+      "(a params-shaped 'trace' or 'mu' in its state, e.g. optax.sgd(lr, momentum=0.9) "
+      "or optax.adam); this one has none. Use momentum_source='own' for a separate "
+      "momentum buffer.")
+
+
 class SNFS(_GradientMomentum, RedistributingDropAndGrow):
   """Sparse Networks From Scratch (Dettmers & Zettlemoyer 2019).
 
@@ -354,15 +385,49 @@ class SNFS(_GradientMomentum, RedistributingDropAndGrow):
   so its momentum is dense too; that momentum is kept for grown connections
   (see :meth:`Method.keep_inner_state`). The reference drop fraction (prune
   rate) is 0.5 with cosine decay: pass ``drop_fraction=0.5`` to the transform.
+
+  Args:
+    momentum: decay of the method's own momentum (``momentum_source="own"``).
+    momentum_source: ``"optimizer"`` (default) reads the momentum the inner
+      optimizer already keeps (see :func:`optimizer_momentum`), as the authors'
+      code does: no memory beyond the masks. ``"own"`` keeps a separate float32
+      EMA of the dense gradient (4 more bytes per parameter), for inner
+      optimizers without momentum.
   """
   name = "snfs"
   dense_inner_gradients = True
+  MOMENTUM_SOURCES = ("optimizer", "own")
+
+  def __init__(self, momentum: float = 0.9, momentum_source: str = "optimizer"):
+    super().__init__(momentum=momentum)
+    if momentum_source not in self.MOMENTUM_SOURCES:
+      raise ValueError(f"momentum_source must be one of {self.MOMENTUM_SOURCES}, "
+                       f"got {momentum_source!r}.")
+    self.momentum_source = momentum_source
+
+  def init(self, params, masks):
+    if self.momentum_source == "optimizer":
+      return ()
+    return super().init(params, masks)
+
+  def observe(self, state, grads, masks):
+    if self.momentum_source == "optimizer":
+      return state
+    return super().observe(state, grads, masks)
+
+  def _momentum(self, ctx, state):
+    if self.momentum_source == "own":
+      return state
+    if ctx.inner_state is None:
+      raise ValueError("SNFS(momentum_source='optimizer') needs ctx.inner_state "
+                       "(sparse_training fills it in).")
+    return optimizer_momentum(ctx.inner_state, ctx.params)
 
   def grow_scores(self, ctx, state):
-    return jax.tree.map(jnp.abs, state)
+    return jax.tree.map(jnp.abs, self._momentum(ctx, state))
 
   def layer_signal(self, ctx, state):
-    return state
+    return self._momentum(ctx, state)
 
 
 class RigLSG(RedistributingDropAndGrow):

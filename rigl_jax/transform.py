@@ -216,7 +216,8 @@ def sparse_training(
           masks=masks, params=params, grads=grads,
           sparsities=layer_sparsities(params),
           max_drop_fraction=max_drop_fraction,
-          start_step=start_step, end_step=end_step, update_every=update_every)
+          start_step=start_step, end_step=end_step, update_every=update_every,
+          inner_state=inner_state)
       return method.update(ctx, method_state)
 
     # Only the rare, expensive part (scores, top-k) sits inside the cond. The

@@ -123,13 +123,20 @@ def test_snfs_grows_by_momentum_not_gradient():
     ctx = make_ctx(masks, params, grads, {"w": 0.5, "d": 0.0}, 0.25)
     return method.update(ctx, state)[0]
 
-  new = update(methods_lib.SNFS(), state)
+  new = update(methods_lib.SNFS(momentum_source="own"), state)
   flat = np.asarray(new["w"]).reshape(-1)
   assert flat.sum() == 8
   assert not flat[8] and not flat[9]   # floor(0.25 * 8) = 2 smallest dropped
   assert flat[0] and flat[3]           # the largest |momentum| grown
   assert not flat[1] and not flat[2]   # ... not the largest |gradient|
   assert np.asarray(new["d"]).all()
+  # The default reads the same momentum from the inner optimizer's state instead.
+  inner_state = optax.sgd(0.1, momentum=0.9).init(params)
+  inner_state = (inner_state[0]._replace(trace=state),) + tuple(inner_state[1:])
+  ctx = make_ctx(masks, params, grads, {"w": 0.5, "d": 0.0}, 0.25)._replace(
+      inner_state=inner_state)
+  from_optimizer = jax.jit(lambda: methods_lib.SNFS().update(ctx, ())[0])()
+  np.testing.assert_array_equal(from_optimizer["w"], new["w"])
   # RigL-SG on the same case grows by gradient instead.
   new_sg = update(methods_lib.RigLSG(), ())
   flat = np.asarray(new_sg["w"]).reshape(-1)
@@ -137,7 +144,7 @@ def test_snfs_grows_by_momentum_not_gradient():
 
 
 def test_snfs_momentum_is_ema_of_dense_gradient():
-  method = methods_lib.SNFS(momentum=0.9)
+  method = methods_lib.SNFS(momentum=0.9, momentum_source="own")
   params = {"w": jnp.zeros((2, 2))}
   mask = {"w": jnp.array([[True, False], [False, False]])}
   state = method.init(params, mask)
@@ -145,6 +152,41 @@ def test_snfs_momentum_is_ema_of_dense_gradient():
   state = method.observe(method.observe(state, g, mask), g, mask)
   # Inactive entries are tracked too: the momentum is dense.
   np.testing.assert_allclose(state["w"], (0.1 + 0.9 * 0.1) * np.asarray(g["w"]), rtol=1e-6)
+
+
+def test_optimizer_momentum_found_in_nested_states():
+  params = {"a": jnp.ones((3, 2)), "b": jnp.ones(2)}
+  nested = optax.chain(
+      optax.add_decayed_weights(1e-4, mask={"a": True, "b": False}),
+      optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9, nesterov=True))
+  for tx, field in ((nested, "trace"), (optax.adamw(1e-3), "mu")):
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(lambda p: 2 * p, params), state, params)
+    found = methods_lib.optimizer_momentum(state, params)
+    assert jax.tree.structure(found) == jax.tree.structure(params)
+    [(_, expected)] = optax.tree_utils.tree_get_all_with_path(state, field)
+    for x, y in zip(jax.tree.leaves(found), jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(x, y)
+      assert np.all(np.asarray(x) != 0)
+  with pytest.raises(ValueError, match="momentum_source='own'"):
+    methods_lib.optimizer_momentum(optax.sgd(0.1).init(params), params)
+
+
+def test_snfs_memory_and_momentum_source():
+  params = mlp_params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  # Default: no state of its own; the optimizer's dense momentum does the job.
+  tx = make_tx("snfs", end_step=20)
+  state = tx.init(params)
+  assert jax.tree.leaves(state.method_state) == []
+  own = make_tx(methods_lib.SNFS(momentum_source="own"), end_step=20).init(params)
+  assert len(jax.tree.leaves(own.method_state)) == len(jax.tree.leaves(params))
+  # Without momentum in the inner optimizer the default fails on the first update.
+  tx = make_tx("snfs", inner=optax.sgd(0.1), end_step=20)
+  with pytest.raises(ValueError, match="momentum_source='own'"):
+    jax.jit(tx.update)(grads, tx.init(params), params)
+  with pytest.raises(ValueError, match="momentum_source must be one of"):
+    methods_lib.SNFS(momentum_source="adam")
 
 
 def test_capacity_cap_spreads_excess():
