@@ -189,8 +189,10 @@ def make_method_update_fn(name, params):
 
   Returns ``(fn, method_state_of(grads))``: ``fn(params, grads, masks, step,
   method_state)``. The method state is the method's own ``init`` after one
-  ``observe`` of the real grads (SNFS's dense gradient momentum, which it
-  ranks and redistributes by), so the update works on non-zero scores.
+  ``observe`` of the real grads (RigL-SM's dense gradient momentum); SNFS
+  ranks and redistributes by the inner optimizer's momentum, for which a
+  trace equal to the real grads stands in. Either way the update works on
+  non-zero scores.
   """
   method = methods_lib.get_method(name)
   drop_fraction_fn = schedules.make_drop_fraction_fn(
@@ -204,7 +206,10 @@ def make_method_update_fn(name, params):
         drop_fraction=jnp.asarray(drop_fraction_fn(step), jnp.float32),
         masks=masks, params=params, grads=grads, sparsities=sparsities,
         max_drop_fraction=max_drop, start_step=0, end_step=END_STEP,
-        update_every=UPDATE_EVERY)
+        update_every=UPDATE_EVERY,
+        # SNFS reads the inner optimizer's momentum: an sgd-momentum state
+        # holding the grads stands in for it.
+        inner_state=(optax.TraceState(trace=grads),))
     new_masks, _ = method.update(ctx, method_state)
     return new_masks
 
