@@ -12,6 +12,7 @@ from rigl_jax.transform import (
     apply_masks,
     find_state,
     get_masks,
+    skip_step,
     sparse_training,
 )
 

@@ -183,7 +183,9 @@ def make_train_step(model, tx, c, num_classes: int, lr_fn):
     accept = finite if skip_bad else finite & healthy
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                            opt_state=opt_state, rng=state.rng, nonfinite_step=state.nonfinite_step)
-    kept = state._replace(step=state.step + 1)
+    # The sparse schedule's step counter moves on with the global step, so a
+    # skipped batch does not shift later mask updates.
+    kept = state._replace(step=state.step + 1, opt_state=rigl_jax.skip_step(state.opt_state))
     new_state = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new_state, kept)
     first_bad = jnp.where(~finite & (state.nonfinite_step < 0), state.step, state.nonfinite_step)
     new_state = new_state._replace(nonfinite_step=first_bad if not skip_bad else state.nonfinite_step)

@@ -92,6 +92,19 @@ def apply_masks(params: PyTree, opt_state: PyTree) -> PyTree:
   return masks_lib.apply_masks(params, get_masks(opt_state))
 
 
+def skip_step(opt_state: PyTree) -> PyTree:
+  """``opt_state`` after a training step that was skipped (e.g. a non-finite loss).
+
+  Only the step counter of every :class:`SparseTrainingState` inside moves on,
+  so that update steps and drop fractions stay on the caller's step count; the
+  masks, the inner state and the method state are kept. A mask update due on
+  the skipped step does not happen. Other states pass through unchanged.
+  """
+  return jax.tree.map(
+      lambda s: s._replace(step=s.step + 1) if isinstance(s, SparseTrainingState) else s,
+      opt_state, is_leaf=lambda x: isinstance(x, SparseTrainingState))
+
+
 def _masked_updates(updates: PyTree, params: PyTree, keep: PyTree) -> PyTree:
   # Where a connection is (or becomes) inactive the update is -param, so
   # params + updates is exactly 0 there, whatever the param held before.

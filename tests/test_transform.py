@@ -317,3 +317,17 @@ def test_two_devices_same_masks_as_one(tmp_path):
   assert len(two.files) == len(one)
   for i, m in enumerate(one):
     np.testing.assert_array_equal(two[f"arr_{i}"], np.asarray(m))
+
+
+def test_skip_step_moves_only_the_sparse_step():
+  params = mlp_params()
+  tx = optax.chain(optax.clip_by_global_norm(1.0), make_tx("rigl"))
+  state = tx.init(params)
+  skipped = rigl_jax.skip_step(state)
+  assert int(rigl_jax.find_state(skipped).step) == int(rigl_jax.find_state(state).step) + 1
+  before, after = rigl_jax.find_state(state), rigl_jax.find_state(skipped)
+  for a, b in zip(jax.tree.leaves((before.masks, before.inner_state, before.rng)),
+                  jax.tree.leaves((after.masks, after.inner_state, after.rng))):
+    np.testing.assert_array_equal(a, b)
+  plain = optax.sgd(0.1, momentum=0.9).init(params)
+  assert jax.tree.structure(rigl_jax.skip_step(plain)) == jax.tree.structure(plain)
