@@ -389,6 +389,9 @@ def summary_rows(result):
     out.append(("core", m, "masked/dense step time", f"{v:.3f} (paired {r['masked_over_dense_paired']:.3f})",
                 "<= 1.05 (conv nets)", verdict if conv else "n/a"))
     out.append(("core", m, "opt overhead / dense step", f"{r['opt_overhead_over_step']:.4f}", "", ""))
+    out.append(("core", m, "compile masked / dense step",
+                f"{r['compile_masked_s']:.1f} / {r['compile_dense_s']:.1f} s = "
+                f"{r['compile_masked_s'] / r['compile_dense_s']:.2f}x", "", ""))
     for meth in UPDATE_METHODS:
       over = r[f"{meth}_fn_over_step"]
       amort = over / UPDATE_EVERY
