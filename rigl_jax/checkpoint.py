@@ -68,6 +68,8 @@ _MANIFEST_KEY = "rigl_jax_manifest"
 _MANIFEST_VERSION = 1
 # Orbax's item name for a single, unnamed checkpointable ("default item mode").
 _ITEM_DIR = "default"
+# How many stored values `_check_readable` reads concurrently.
+_CHECK_READS_IN_FLIGHT = 64
 # Where unusable steps are moved; not a number, so orbax never lists it.
 QUARANTINE_DIR = "quarantine"
 
@@ -171,9 +173,9 @@ def _verify(restored: PyTree, target: PyTree, manifest: dict[str, Any]):
 
 
 def _check_readable(item_dir: epath.Path):
-  """Reads every value of the item's OCDBT store once, one at a time.
+  """Reads every value of the item's OCDBT store once, outside orbax.
 
-  A truncated or missing data file then fails here, synchronously, instead
+  A truncated or missing data file then fails here, in the calling thread, instead
   of inside orbax's concurrent restore: there, the first failed read closes
   orbax's event loop while tensorstore still completes the other reads, and
   each of those prints an "Event loop is closed" traceback to stderr from a
@@ -184,8 +186,13 @@ def _check_readable(item_dir: epath.Path):
     base = "file://" + base
   try:
     store = ts.KvStore.open({"driver": "ocdbt", "base": base.rstrip("/") + "/"}).result()
-    for key in store.list().result():
-      store.read(key).result()
+    keys = store.list().result()
+    # Reads in flight together (remote storage: round trips overlap), a bounded
+    # number at a time (memory: one value per read is held until it is checked).
+    for start in range(0, len(keys), _CHECK_READS_IN_FLIGHT):
+      reads = [store.read(k) for k in keys[start:start + _CHECK_READS_IN_FLIGHT]]
+      for read in reads:
+        read.result()
   except Exception as e:  # pylint: disable=broad-except
     raise _BadCheckpoint(f"unreadable data in {item_dir}: {e}") from e
 
