@@ -37,6 +37,7 @@ import optax
 
 from rigl_jax import masks as masks_lib
 from rigl_jax import schedules
+from rigl_jax import selection
 
 PyTree = Any
 
@@ -65,25 +66,15 @@ class UpdateContext(NamedTuple):
 _LOWEST = float(jnp.finfo(jnp.float32).min)
 
 
-def _flat_top_k(scores: jax.Array, k: int) -> jax.Array:
-  """Indices of the ``k`` largest scores (ties: lower index first, as lax.top_k does)."""
-  _, idx = jax.lax.top_k(scores, k)
-  return idx
-
-
 def drop_smallest(mask: jax.Array, magnitude: jax.Array, n_drop: jax.Array,
                   max_drop: int) -> jax.Array:
   """Flat mask with its ``n_drop`` smallest-``magnitude`` active entries switched off.
 
-  ``max_drop`` is a static bound on ``n_drop`` (the top-k size); ``n_drop`` may
-  be traced. Ties go to the lower index.
+  ``max_drop`` is a static bound on ``n_drop``; ``n_drop`` may be traced. Ties
+  go to the lower index.
   """
-  max_drop = min(int(max_drop), mask.size)
-  if max_drop == 0:
-    return mask
-  selected = jnp.arange(max_drop) < n_drop
-  idx = _flat_top_k(jnp.where(mask, -magnitude.astype(jnp.float32), _LOWEST), max_drop)
-  return mask.at[idx].set(mask[idx] & ~selected)
+  scores = jnp.where(mask, -magnitude.astype(jnp.float32), _LOWEST)
+  return mask & ~selection.largest(scores, n_drop, max_drop)
 
 
 def grow_largest(mask: jax.Array, score: jax.Array, n_grow: jax.Array,
@@ -93,12 +84,8 @@ def grow_largest(mask: jax.Array, score: jax.Array, n_grow: jax.Array,
   Scores must be >= 0 (magnitudes, uniform draws) so that every inactive entry
   ranks above the active ones. ``max_grow`` is a static bound on ``n_grow``.
   """
-  max_grow = min(int(max_grow), mask.size)
-  if max_grow == 0:
-    return mask
-  selected = jnp.arange(max_grow) < n_grow
-  idx = _flat_top_k(jnp.where(mask, _LOWEST, score.astype(jnp.float32)), max_grow)
-  return mask.at[idx].set(mask[idx] | selected)
+  scores = jnp.where(mask, _LOWEST, score.astype(jnp.float32))
+  return mask | selection.largest(scores, n_grow, max_grow)
 
 
 def drop_and_grow(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
@@ -107,8 +94,7 @@ def drop_and_grow(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
 
   Growth picks the largest ``grow_score`` among the connections inactive after
   the drop (the just-dropped ones included). The active count never changes.
-  ``max_drop`` is a static bound on ``n_drop`` so ``lax.top_k`` (much cheaper
-  than a full sort) has a static size.
+  ``max_drop`` is a static bound on ``n_drop`` (see :func:`selection.largest`).
 
   Returns:
     The new mask. A connection dropped and grown again in the same update is

@@ -331,3 +331,13 @@ def test_skip_step_moves_only_the_sparse_step():
     np.testing.assert_array_equal(a, b)
   plain = optax.sgd(0.1, momentum=0.9).init(params)
   assert jax.tree.structure(rigl_jax.skip_step(plain)) == jax.tree.structure(plain)
+
+
+def test_core_imports_jax_optax_numpy_only():
+  core = ["masks", "distributions", "schedules", "selection", "methods", "transform"]
+  code = ("import sys; import " + ", ".join(f"rigl_jax.{m}" for m in core) + "; "
+          "print(sorted({m.split('.')[0] for m in sys.modules}))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  loaded = set(eval(out.stdout))  # pylint: disable=eval-used
+  for heavy in ("flax", "tensorflow", "orbax", "ml_collections", "tensorflow_datasets", "absl"):
+    assert heavy not in loaded, f"the core imports {heavy}"

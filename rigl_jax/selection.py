@@ -1,0 +1,104 @@
+"""Exact top-k selection as a boolean mask, the primitive of every mask update.
+
+``largest(scores, k, max_k)`` marks the ``min(k, max_k)`` largest entries of a
+flat float array, ties going to the lower index: the same set as the first
+``k`` indices of ``jax.lax.top_k(scores, max_k)``, for any ``k`` (it may be
+traced). Two implementations give that same set:
+
+* ``by_top_k``: ``lax.top_k`` with the static bound ``max_k``. XLA's CPU
+  TopK is a partial sort whose cost grows with ``k``: 2-3.5 ms for RigL's
+  5.6k drops among LeNet-300-100's 235k first-layer weights, more than a
+  whole train step of that model.
+* ``by_radix``: a most-significant-digit-first radix select on the float
+  bits. Three histogram passes (11, 11 and 10 bits, by scatter-add) find the
+  k-th largest value exactly; the selection is then one comparison, plus a
+  running count over the entries equal to that value in the rare case where
+  the tie must be split. About 1 ms for the same case, whatever ``k``.
+
+`largest` uses the radix select for arrays of 16,384 entries or more on CPU
+(below that, and on other platforms, ``lax.top_k``), chosen when the
+computation is lowered (``jax.lax.platform_dependent``). The choice never
+changes the result.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Below this many entries lax.top_k is as fast (measured on CPU: 0.37 vs 0.23 ms
+# at 16k entries, 0.04 vs 0.16 ms at 4k).
+RADIX_MIN_SIZE = 16384
+# (shift, width) of each radix digit, most significant first; 11/11/10 bits was
+# the fastest split measured (8x4 and 12/12/8 cost 10-40% more).
+_DIGITS = ((21, 11), (10, 11), (0, 10))
+
+
+def sortable_bits(x: jax.Array) -> jax.Array:
+  """uint32 keys in the order of the float32 values (XLA TopK's total order:
+  -0.0 < +0.0, NaN above +inf)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  negative = (bits >> 31) == 1
+  return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def by_top_k(scores: jax.Array, k: jax.Array, max_k: int) -> jax.Array:
+  """`largest` by ``lax.top_k(scores, max_k)``; ``scores`` flat."""
+  _, idx = jax.lax.top_k(scores, max_k)
+  selected = jnp.arange(max_k) < k
+  return jnp.zeros(scores.shape, bool).at[idx].set(selected)
+
+
+def by_radix(scores: jax.Array, k: jax.Array) -> jax.Array:
+  """`largest` by radix select on the float bits; ``scores`` flat, 0 <= k <= size."""
+  key = sortable_bits(scores)
+  k = jnp.asarray(k, jnp.int32)
+  # `remaining`: how many of the entries that share the digits chosen so far are
+  # still to be selected; the k-th largest key is built digit by digit in `kth`.
+  remaining = jnp.maximum(k, 1)
+  kth = jnp.uint32(0)
+  for shift, width in _DIGITS:
+    bins = 1 << width
+    digit = ((key >> shift) & jnp.uint32(bins - 1)).astype(jnp.int32)
+    high = shift + width
+    if high < 32:  # only entries whose higher digits equal kth's are counted
+      digit = jnp.where((key >> high) == (kth >> high), digit, bins)
+    hist = jnp.zeros(bins, jnp.int32).at[digit].add(1, mode="drop")
+    at_least = jnp.cumsum(hist[::-1])[::-1]  # entries with this digit or a larger one
+    chosen = jnp.sum(at_least >= remaining, dtype=jnp.int32) - 1
+    above = jnp.where(chosen + 1 < bins, at_least[jnp.minimum(chosen + 1, bins - 1)], 0)
+    remaining = remaining - above
+    kth = kth | (chosen.astype(jnp.uint32) << shift)
+  greater = key > kth
+  equal = key == kth
+  # `remaining` entries equal to the k-th largest are needed: all of them, or
+  # (rarely) the first ones by index, as lax.top_k breaks ties.
+  selected = jax.lax.cond(
+      jnp.sum(equal, dtype=jnp.int32) == remaining,
+      lambda: greater | equal,
+      lambda: greater | (equal & (jnp.cumsum(equal, dtype=jnp.int32) <= remaining)))
+  return selected & (k > 0)
+
+
+def largest(scores: jax.Array, k: jax.Array, max_k: int) -> jax.Array:
+  """Bool mask of the ``min(k, max_k)`` largest entries of flat ``scores``.
+
+  Ties go to the lower index. ``max_k`` is a static bound (an int); ``k`` may
+  be traced.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rigl_jax import selection
+    >>> selection.largest(jnp.array([0.5, 2.0, 2.0, -1.0]), 2, max_k=3).tolist()
+    [False, True, True, False]
+  """
+  max_k = min(int(max_k), scores.size)
+  if max_k == 0:
+    return jnp.zeros(scores.shape, bool)
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, max_k)
+  if scores.size < RADIX_MIN_SIZE:
+    return by_top_k(scores, k, max_k)
+  return jax.lax.platform_dependent(
+      scores, k,
+      cpu=lambda s, n: by_radix(s, n),
+      default=lambda s, n: by_top_k(s, n, max_k))
