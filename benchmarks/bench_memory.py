@@ -13,9 +13,10 @@ Usage:
    the plain optax chain) against ``sparse_training`` wrapping the same chain,
    for every method. The sparse state is split into masks (bool, 1 byte per
    parameter: every leaf has a mask, dense leaves all True), the inner
-   optimizer's state, the method's own state (RigL-SM keeps a dense float32
-   gradient momentum; SNFS reads the inner optimizer's, which already tracks
-   dense gradients) and the rest (step, rng).
+   optimizer's state, the method's own state (none by default: SNFS and
+   RigL-SM read the inner optimizer's momentum; with
+   ``momentum_source="own"`` they would keep a float32 one) and the rest
+   (step, rng).
 
    Target: sparse optimizer state <= dense optimizer state + 1 byte/parameter
    (the masks). ``extra_B_per_param`` = (sparse - dense optimizer state) /

@@ -311,30 +311,6 @@ class RedistributingDropAndGrow(DropAndGrow):
     return treedef.unflatten(new_masks), state
 
 
-class _GradientMomentum(Method):
-  """Keeps an exponential moving average of the DENSE gradient as method state.
-
-  ``m <- beta * m + (1 - beta) * g`` every step (in ``observe``), float32. The
-  ``(1 - beta)`` factor (PyTorch's momentum buffer has none) scales every layer
-  alike, so it changes neither growth ranks nor redistribution proportions.
-  """
-
-  def __init__(self, momentum: float = 0.9):
-    if not 0.0 <= float(momentum) < 1.0:
-      raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
-    self.momentum = float(momentum)
-
-  def init(self, params, masks):
-    del masks
-    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-
-  def observe(self, state, grads, masks):
-    del masks
-    beta = self.momentum
-    return jax.tree.map(lambda m, g: beta * m + (1.0 - beta) * g.astype(jnp.float32),
-                        state, grads)
-
-
 # Field names under which optax states keep a params-shaped first moment:
 # TraceState.trace (sgd momentum), ScaleByAdamState.mu (adam, adamw, ...).
 _MOMENTUM_FIELDS = ("trace", "mu")
@@ -356,64 +332,79 @@ def optimizer_momentum(inner_state: PyTree, params: PyTree) -> PyTree:
       if jax.tree.structure(value) == want:
         return value
   raise ValueError(
-      "SNFS(momentum_source='optimizer') needs an inner optimizer with momentum "
+      "momentum_source='optimizer' (SNFS, RigL-SM) needs an inner optimizer with momentum "
       "(a params-shaped 'trace' or 'mu' in its state, e.g. optax.sgd(lr, momentum=0.9) "
       "or optax.adam); this one has none. Use momentum_source='own' for a separate "
       "momentum buffer.")
 
 
-class SNFS(_GradientMomentum, RedistributingDropAndGrow):
+class _Momentum(Method):
+  """A momentum to score by: the inner optimizer's, or the method's own EMA.
+
+  ``momentum_source="optimizer"`` (default) reads the params-shaped momentum
+  the inner optimizer keeps anyway (:func:`optimizer_momentum`): no state of
+  its own. ``"own"`` keeps ``m <- beta * m + (1 - beta) * g`` of the DENSE
+  gradient every step (in ``observe``), float32, 4 bytes per parameter. The
+  ``(1 - beta)`` factor (PyTorch's momentum buffer has none) scales every
+  layer alike, so it changes neither growth ranks nor redistribution
+  proportions.
+  """
+  MOMENTUM_SOURCES = ("optimizer", "own")
+
+  def __init__(self, momentum: float = 0.9, momentum_source: str = "optimizer"):
+    if not 0.0 <= float(momentum) < 1.0:
+      raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
+    if momentum_source not in self.MOMENTUM_SOURCES:
+      raise ValueError(f"momentum_source must be one of {self.MOMENTUM_SOURCES}, "
+                       f"got {momentum_source!r}.")
+    self.momentum = float(momentum)
+    self.momentum_source = momentum_source
+
+  def init(self, params, masks):
+    del masks
+    if self.momentum_source == "optimizer":
+      return ()
+    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+
+  def observe(self, state, grads, masks):
+    del masks
+    if self.momentum_source == "optimizer":
+      return state
+    beta = self.momentum
+    return jax.tree.map(lambda m, g: beta * m + (1.0 - beta) * g.astype(jnp.float32),
+                        state, grads)
+
+  def momentum_of(self, ctx: UpdateContext, state) -> PyTree:
+    """The momentum tree this update scores by."""
+    if self.momentum_source == "own":
+      return state
+    if ctx.inner_state is None:
+      raise ValueError(f"{type(self).__name__}(momentum_source='optimizer') needs "
+                       "ctx.inner_state (sparse_training fills it in).")
+    return optimizer_momentum(ctx.inner_state, ctx.params)
+
+
+class SNFS(_Momentum, RedistributingDropAndGrow):
   """Sparse Networks From Scratch (Dettmers & Zettlemoyer 2019).
 
   Grows where the dense gradient momentum is largest in magnitude and
   redistributes the active weights across layers by mean |momentum| over each
   layer's active weights. The inner optimizer sees dense gradients every step,
-  so its momentum is dense too; that momentum is kept for grown connections
-  (see :meth:`Method.keep_inner_state`). The reference drop fraction (prune
-  rate) is 0.5 with cosine decay: pass ``drop_fraction=0.5`` to the transform.
-
-  Args:
-    momentum: decay of the method's own momentum (``momentum_source="own"``).
-    momentum_source: ``"optimizer"`` (default) reads the momentum the inner
-      optimizer already keeps (see :func:`optimizer_momentum`), as the authors'
-      code does: no memory beyond the masks. ``"own"`` keeps a separate float32
-      EMA of the dense gradient (4 more bytes per parameter), for inner
-      optimizers without momentum.
+  so its momentum is dense too, and by default (``momentum_source=
+  "optimizer"``, see :class:`_Momentum`) that is the momentum SNFS scores by,
+  as the authors' code does: no memory beyond the masks. That momentum is kept
+  for grown connections (see :meth:`Method.keep_inner_state`). The reference
+  drop fraction (prune rate) is 0.5 with cosine decay: pass
+  ``drop_fraction=0.5`` to the transform.
   """
   name = "snfs"
   dense_inner_gradients = True
-  MOMENTUM_SOURCES = ("optimizer", "own")
-
-  def __init__(self, momentum: float = 0.9, momentum_source: str = "optimizer"):
-    super().__init__(momentum=momentum)
-    if momentum_source not in self.MOMENTUM_SOURCES:
-      raise ValueError(f"momentum_source must be one of {self.MOMENTUM_SOURCES}, "
-                       f"got {momentum_source!r}.")
-    self.momentum_source = momentum_source
-
-  def init(self, params, masks):
-    if self.momentum_source == "optimizer":
-      return ()
-    return super().init(params, masks)
-
-  def observe(self, state, grads, masks):
-    if self.momentum_source == "optimizer":
-      return state
-    return super().observe(state, grads, masks)
-
-  def _momentum(self, ctx, state):
-    if self.momentum_source == "own":
-      return state
-    if ctx.inner_state is None:
-      raise ValueError("SNFS(momentum_source='optimizer') needs ctx.inner_state "
-                       "(sparse_training fills it in).")
-    return optimizer_momentum(ctx.inner_state, ctx.params)
 
   def grow_scores(self, ctx, state):
-    return jax.tree.map(jnp.abs, self._momentum(ctx, state))
+    return jax.tree.map(jnp.abs, self.momentum_of(ctx, state))
 
   def layer_signal(self, ctx, state):
-    return self._momentum(ctx, state)
+    return self.momentum_of(ctx, state)
 
 
 class RigLSG(RedistributingDropAndGrow):
@@ -427,11 +418,15 @@ class RigLSG(RedistributingDropAndGrow):
     return ctx.grads
 
 
-class RigLSM(_GradientMomentum, RedistributingDropAndGrow):
+class RigLSM(_Momentum, RedistributingDropAndGrow):
   """RigL plus redistribution by each layer's mean |momentum| over active weights.
 
-  The momentum is the method's own EMA of the dense gradient; the inner
-  optimizer still sees masked gradients, as in RigL.
+  Growth is RigL's (largest dense-gradient magnitude); the inner optimizer
+  sees masked gradients, as in RigL. By default the layer score reads the
+  inner optimizer's momentum, which is sparse: the report's "average sparse
+  momentum" (at an active weight it is the momentum of that weight's gradient
+  since it was last grown). ``momentum_source="own"`` scores by an EMA of the
+  dense gradient instead, at 4 bytes per parameter.
   """
   name = "rigl_sm"
 
@@ -439,7 +434,7 @@ class RigLSM(_GradientMomentum, RedistributingDropAndGrow):
     return jax.tree.map(jnp.abs, ctx.grads)
 
   def layer_signal(self, ctx, state):
-    return state
+    return self.momentum_of(ctx, state)
 
 
 def _pruning_counts(size: int, final_sparsity: float, steps, start_step: int, end_step: int,

@@ -181,12 +181,42 @@ def test_snfs_memory_and_momentum_source():
   assert jax.tree.leaves(state.method_state) == []
   own = make_tx(methods_lib.SNFS(momentum_source="own"), end_step=20).init(params)
   assert len(jax.tree.leaves(own.method_state)) == len(jax.tree.leaves(params))
+  # RigL-SM likewise scores layers by the (here sparse) optimizer momentum.
+  assert jax.tree.leaves(make_tx("rigl_sm", end_step=20).init(params).method_state) == []
   # Without momentum in the inner optimizer the default fails on the first update.
   tx = make_tx("snfs", inner=optax.sgd(0.1), end_step=20)
   with pytest.raises(ValueError, match="momentum_source='own'"):
     jax.jit(tx.update)(grads, tx.init(params), params)
   with pytest.raises(ValueError, match="momentum_source must be one of"):
     methods_lib.SNFS(momentum_source="adam")
+  with pytest.raises(ValueError, match="momentum_source must be one of"):
+    methods_lib.RigLSM(momentum_source="dense")
+
+
+def test_rigl_sm_redistributes_by_optimizer_momentum():
+  # Two layers, equal gradients; the optimizer's momentum is 10x larger over the
+  # active weights of "b", so "b" gets the larger share of the regrowth.
+  rng = np.random.default_rng(0)
+  mask_a = jnp.asarray(np.arange(64) < 16).reshape(8, 8)
+  mask_b = jnp.asarray(np.arange(64) < 16).reshape(8, 8)
+  masks = {"a": mask_a, "b": mask_b}
+  params = {k: jnp.asarray(rng.normal(size=(8, 8)), jnp.float32) * m for k, m in masks.items()}
+  grads = {k: jnp.asarray(rng.uniform(0.5, 1.0, size=(8, 8)), jnp.float32) for k in masks}
+  trace = {"a": 0.1 * grads["a"], "b": 1.0 * grads["b"]}
+  inner_state = (optax.TraceState(trace=trace), optax.EmptyState())
+  ctx = make_ctx(masks, params, grads, {"a": 0.75, "b": 0.75}, 0.5)._replace(
+      inner_state=inner_state)
+  new = jax.jit(lambda: methods_lib.RigLSM().update(ctx, ())[0])()
+  counts = {k: int(np.asarray(v).sum()) for k, v in new.items()}
+  assert counts["a"] + counts["b"] == 32
+  assert counts["b"] > counts["a"]
+  # With its own momentum (here 10x larger on "a") the proportions follow that one.
+  own = methods_lib.RigLSM(momentum_source="own")
+  state = own.observe(own.init(params, masks), {"a": 10.0 * grads["a"], "b": grads["b"]}, masks)
+  new_own = jax.jit(lambda: own.update(ctx, state)[0])()
+  counts = {k: int(np.asarray(v).sum()) for k, v in new_own.items()}
+  assert counts["a"] + counts["b"] == 32
+  assert counts["a"] > counts["b"]
 
 
 def test_capacity_cap_spreads_excess():
