@@ -97,8 +97,10 @@ def sparse_optimizer():
 
 def make_loss_fn(model):
   def loss_fn(params, batch_stats, x, y):
+    # A fixed dropout key: the benchmark times the step, not the draws.
     logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                   train=True, mutable=["batch_stats"])
+                                   train=True, mutable=["batch_stats"],
+                                   rngs={"dropout": jax.random.key(0)})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new_vars.get("batch_stats", batch_stats)
   return loss_fn

@@ -12,10 +12,18 @@ leave a "90% sparse" uniform net at 10% sparsity.
 import importlib.util
 import os
 
+from rigl_jax import config as config_lib
+
 _spec = importlib.util.spec_from_file_location(
     "quickstart", os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py"))
 _quickstart = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_quickstart)
+
+
+# The report's pruning (global magnitude pruning of every kernel; configs/
+# cifar10_wrn22_2.py), its start (step 700 of 87,750) and CIFAR-10 warm-up (3,500
+# steps) scaled to this run's 2,100 steps: 17 and 84. T_end stays at 75%.
+PRUNING = dict(config_lib.PRUNING_BASELINE, start_step=17, warmup_steps=84)
 
 
 def get_config():
@@ -35,8 +43,9 @@ def sweep():
         for distribution in ("uniform", "erk"):
           runs.append(dict(method=method, distribution=distribution, sparsity=sparsity,
                            seed=seed))
-      for method in ("snfs", "pruning", "small_dense"):
+      for method in ("snfs", "small_dense"):
         runs.append(dict(method=method, distribution="erk", sparsity=sparsity, seed=seed))
+      runs.append(dict(PRUNING, sparsity=sparsity, seed=seed))
       runs.append(dict(method="rigl", distribution="erk", sparsity=sparsity, seed=seed,
                        train_multiplier=2.0))
   return runs

@@ -27,21 +27,14 @@ import ml_collections
 
 from rigl_jax import config as config_lib
 
-# Examples in each data set's train split before the validation split is carved off
-# (mnist5k: rigl_jax.data.builtin.MNIST5K_NUM_TRAIN; the others: their tfds train splits).
-TRAIN_SPLIT_SIZES = {"mnist5k": 4000, "mnist": 60_000, "cifar10": 50_000,
-                     "cifar100": 50_000, "imagenet2012": 1_281_167}
-
 
 def steps_per_epoch(c: ml_collections.ConfigDict) -> int:
   """Train steps per epoch of config ``c`` (KeyError for a data set of unknown size)."""
   from rigl_jax import data  # pylint: disable=import-outside-toplevel
-  if c.dataset not in TRAIN_SPLIT_SIZES:
+  if c.dataset not in data.TRAIN_SPLIT_SIZES:
     raise KeyError(f"no train split size known for dataset {c.dataset!r}; set "
                    f"num_train_steps or pass steps_per_epoch")
-  validation = c.validation_size if c.validation_size >= 0 else \
-      data.DEFAULT_VALIDATION_SIZE[c.dataset]
-  return (TRAIN_SPLIT_SIZES[c.dataset] - validation) // c.batch_size
+  return data.train_steps_per_epoch(c.dataset, c.batch_size, c.validation_size)
 
 
 def run_steps(c: ml_collections.ConfigDict, spe: int | None = None) -> int:
@@ -80,7 +73,7 @@ def estimate(configs: Sequence[ml_collections.ConfigDict], seconds_per_step: dic
     seconds_per_step: ``{label: seconds}``, e.g. ``{"a100": 0.05, "measured": 0.2}``;
       labels are free text (one accelerator each).
     spe: steps per epoch, when the data set's split size is not in
-      ``TRAIN_SPLIT_SIZES``.
+      ``rigl_jax.data.TRAIN_SPLIT_SIZES``.
   """
   steps = sum(run_steps(c, spe) for c in configs)
   return {"runs": len(configs), "steps": steps,

@@ -161,13 +161,17 @@ def collect(sweep_dir: str) -> list[RunResult]:
 
 def row_fields(results: Sequence[RunResult]) -> list[str]:
   """Fields that make a row: method, distribution, train_multiplier, and every other
-  field that takes more than one value across the runs (learning_rate, ...)."""
+  field that takes more than one value among the runs of one method (learning_rate,
+  ...). A field set for one method only (the pruning rows' start_step) labels no row."""
   keys = ["method", "distribution", "train_multiplier"]
   candidates = sorted({k for r in results for k in r.fields} - set(keys) - _NOT_ROW_FIELDS)
   for key in candidates:
-    values = {json.dumps(_row_value(key, r.fields[key]), sort_keys=True)
-              for r in results if key in r.fields}
-    if len(values) > 1:
+    values = {}
+    for r in results:
+      if key in r.fields:
+        values.setdefault(r.fields.get("method"), set()).add(
+            json.dumps(_row_value(key, r.fields[key]), sort_keys=True))
+    if any(len(v) > 1 for v in values.values()):
       keys.append(key)
   return keys
 

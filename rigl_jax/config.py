@@ -35,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_dir = ""                 # tfds data_dir ("" = tfds default)
   c.validation_size = -1          # -1: the dataset's default; 0: no validation split
   c.dtype = "float32"             # compute dtype: float32 or bfloat16
+  c.dropout_rate = -1.0           # -1: the model's reference rate (WRN-22-2 0.3, others none)
+  c.augmentation = "default"      # train augmentation; "default": the report's per data set
   # Sparse training.
   c.method = "rigl"
   c.distribution = "erk"
@@ -61,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lr_drop_steps = (30_000, 60_000)
   c.lr_drop_factor = 0.2
   c.warmup_epochs = 0.0
+  c.warmup_steps = -1             # linear lr warm-up in steps (overrides warmup_epochs when >= 0)
   c.momentum = 0.9
   c.nesterov = True
   c.weight_decay = 5e-4           # on kernels only
@@ -102,6 +105,7 @@ def _choice(c, field: str, allowed):
 def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
   """Raises :class:`ConfigError` naming the first bad field; touches nothing."""
   from rigl_jax import data, models  # pylint: disable=import-outside-toplevel
+  from rigl_jax.data import augment  # pylint: disable=import-outside-toplevel
 
   missing = [k for k in base_config() if k not in c]
   _require(not missing, missing[0] if missing else "", "missing (start configs from "
@@ -116,6 +120,18 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
   _choice(c, "drop_schedule", DROP_SCHEDULES)
   _choice(c, "on_nonfinite", ON_NONFINITE)
   _choice(c, "dtype", ("float32", "bfloat16"))
+  _choice(c, "augmentation", augment.AUGMENTATIONS)
+  _require(c.augmentation in ("default", "none") or len(data.INPUT_SPECS[c.dataset][0]) == 3
+           and c.dataset != "imagenet2012", "augmentation",
+           f"{c.augmentation!r} is for the in-memory image sets; dataset {c.dataset!r} "
+           f"allows 'default' or 'none'")
+  rate = c.dropout_rate
+  _require(isinstance(rate, (int, float)) and not isinstance(rate, bool) and
+           (rate == -1 or 0 <= rate < 1), "dropout_rate",
+           f"must be -1 (the model's reference rate) or in [0, 1), got {rate!r}")
+  _require(rate <= 0 or c.model in models.DROPOUT_MODELS, "dropout_rate",
+           f"model {c.model!r} has no dropout; a rate > 0 is allowed for "
+           f"{', '.join(models.DROPOUT_MODELS)}")
   _number_in(c, "sparsity", 0.0, 1.0, high_open=True)
   _number_in(c, "drop_fraction", 0.0, 1.0)
   _number_in(c, "end_fraction", 0.0, 1.0)
@@ -130,7 +146,8 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
   for field, low in (("update_every", 1), ("batch_size", 1), ("eval_batch_size", 1),
                      ("num_epochs", 0), ("seed", 0), ("log_every", 1), ("eval_every", 0),
                      ("checkpoint_every", 1), ("keep_checkpoints", 1), ("start_step", 0),
-                     ("end_step", -1), ("num_train_steps", -1), ("validation_size", -1)):
+                     ("end_step", -1), ("num_train_steps", -1), ("validation_size", -1),
+                     ("warmup_steps", -1)):
     _int_at_least(c, field, low)
   for field in ("nesterov", "skip_inner_update_on_mask_step", "overwrite",
                 "uniform_first_layer_dense"):
@@ -200,22 +217,51 @@ def lr_drop_steps(c) -> list[int]:
   return [int(round(s * c.train_multiplier)) for s in c.lr_drop_steps]
 
 
+def warmup_steps(c, steps_per_epoch: int) -> int:
+  """Length of the linear lr warm-up in steps (not scaled by train_multiplier)."""
+  if c.warmup_steps >= 0:
+    return c.warmup_steps
+  return int(round(c.warmup_epochs * steps_per_epoch))
+
+
+def dropout_rate(c) -> float | None:
+  """The model's dropout rate: None for its reference rate."""
+  return None if c.dropout_rate < 0 else float(c.dropout_rate)
+
+
 def width_multiplier(c) -> float:
   """Small-Dense: every hidden width scaled by sqrt(1 - sparsity)."""
   return math.sqrt(1.0 - c.sparsity) if c.method == "small_dense" else 1.0
 
 
-def report_table_grid(seeds=(0, 1, 2), sparsities=(0.5, 0.8, 0.9, 0.95)) -> list[dict]:
+def report_table_grid(seeds=(0, 1, 2), sparsities=(0.5, 0.8, 0.9, 0.95), *,
+                      pruning: dict | None = None) -> list[dict]:
   """The rows of the report's Tables 2 and 3 as override dicts (a config's ``sweep()``):
-  Static, SET and RigL with uniform and ERK, SNFS, pruning and Small-Dense with ERK,
-  and the dense baseline, for every sparsity and seed."""
+  Static, SET and RigL with uniform and ERK, SNFS and Small-Dense with ERK, the
+  pruning baseline, and the dense baseline, for every sparsity and seed.
+
+  ``pruning``: the overrides of the pruning rows (each config file gives the report's,
+  with their sources); by default global magnitude pruning of every kernel.
+  """
+  pruning = dict(PRUNING_BASELINE if pruning is None else pruning)
   runs = []
   for seed in seeds:
     for sparsity in sparsities:
       for method in ("static", "set", "rigl", "snfs", "pruning", "small_dense"):
+        if method == "pruning":
+          runs.append(dict(pruning, sparsity=sparsity, seed=seed))
+          continue
         for distribution in (("uniform", "erk") if method in ("static", "set", "rigl")
                              else ("erk",)):
           runs.append(dict(method=method, distribution=distribution, sparsity=sparsity,
                            seed=seed))
     runs.append(dict(method="dense", sparsity=0.0, seed=seed))
   return runs
+
+
+# The report's pruning baseline: one magnitude threshold over every conv and dense
+# kernel (rigl-reproducibility @97443be: conf/masking/Pruning.yaml l.9
+# `prune_mode: global-magnitude`; sparselearning/core.py l.229-244 masks every
+# weight but biases and BatchNorm). Schedules are set per data set in configs/.
+PRUNING_BASELINE = dict(method="pruning_global", distribution="uniform",
+                        uniform_first_layer_dense=False)

@@ -238,11 +238,32 @@ def layer_flops(cost: LayerCost, density: float = 1.0, *, relu: bool = True) -> 
   """
   if not 0.0 <= density <= 1.0:
     raise ValueError(f"density of {cost.path!r} must be in [0, 1], got {density}.")
+  return float(_layer_flops(cost, density, relu, max))
+
+
+def _layer_flops(cost: LayerCost, density, relu: bool, maximum):
   n_out = cost.outputs_per_example
   nnz_per_output = cost.fan_in * density
   mults = nnz_per_output * n_out + (n_out if relu else 0)
-  adds = max(nnz_per_output - 1.0, 0.0) * n_out + (n_out if cost.has_bias else 0)
-  return float(mults + adds)
+  adds = maximum(nnz_per_output - 1.0, 0.0) * n_out + (n_out if cost.has_bias else 0)
+  return mults + adds
+
+
+def masked_forward_flops(costs: Iterable[LayerCost], masks: PyTree, *,
+                         relu: bool = True) -> jax.Array:
+  """``forward_flops`` of a bool mask pytree as a float32 scalar that jit can trace.
+
+  The train step counts the FLOPs of the masks each step's forward pass used, so
+  the mean over training is exact whatever the logging interval.
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  flat = {path_to_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]}
+  total = jnp.zeros([], jnp.float32)
+  for cost in costs:
+    mask = flat.get(cost.path)
+    density = 1.0 if mask is None else jnp.mean(mask, dtype=jnp.float32)
+    total = total + _layer_flops(cost, density, relu, jnp.maximum)
+  return total
 
 
 def forward_flops(costs: Iterable[LayerCost], densities=None, *, relu: bool = True) -> float:
@@ -371,14 +392,57 @@ def reference_dense_flops(c, num_classes: int, input_shape) -> float:
                                    input_shape))
 
 
-def config_flops(c) -> dict:
-  """FLOPs of a trainer config at its initial sparsity distribution, without training.
+def pruning_mean_densities(final_sparsities: Mapping[str, float], sizes: Mapping[str, int],
+                           *, total: int, update_every: int, start_step: int, end_step: int,
+                           power: float = 3.0) -> dict[str, float]:
+  """Each layer's density averaged over the ``total`` steps of gradual magnitude pruning.
 
-  For methods whose densities move during training (snfs, rigl_sg/sm, pruning) the
-  figures use the initial (pruning: final) distribution; a finished run's
-  ``summary.json`` holds the multipliers averaged over its real training.
+  Layer ``l`` holds ``round((1 - s_l(t)) * N_l)`` weights from pruning step ``t`` on
+  (the mask a pruning step makes serves the steps after it; the steps up to the first
+  one are dense), ``s_l`` the cubic from 0 at ``start_step`` to ``final_sparsities[l]``
+  at ``end_step``. For global pruning this spreads the global count over the layers
+  in proportion to their final counts: the real split depends on the weights, so a
+  finished run's ``summary.json`` (FLOPs of its real masks) is the exact figure.
   """
+  from rigl_jax import masks, schedules  # pylint: disable=import-outside-toplevel
+  steps = schedules.pruning_steps(update_every=update_every, start_step=start_step,
+                                  end_step=end_step)
+  steps = steps[steps < total]
+  if total < 1 or steps.size == 0:
+    return {path: 1.0 for path in final_sparsities}
+  # The mask made at pruning step p serves steps p + 1 up to the next pruning step.
+  spans = np.diff(np.append(steps, total - 1))
+  dense_steps = int(steps[0]) + 1
+  out = {}
+  for path, final in final_sparsities.items():
+    size = sizes[path]
+    counts = [masks.num_active(size, schedules.polynomial_sparsity(
+        int(t), initial=0.0, final=final, start_step=start_step, end_step=end_step,
+        power=power)) for t in steps]
+    out[path] = (dense_steps * size + float(np.dot(spans, counts))) / (total * size)
+  return out
+
+
+def config_flops(c, steps_per_epoch: int | None = None) -> dict:
+  """FLOPs of a trainer config from the formulas, without training.
+
+  Static, SET and RigL use the config's distribution. Pruning (both scopes) averages
+  the cubic schedule over training (:func:`pruning_mean_densities`); SNFS and RigL-SG/SM
+  use the initial distribution (their redistribution depends on training). Lottery
+  adds its source pruning run: that run's ``summary.json`` when it has finished, else
+  the formula for the config in its ``config.json``, else the formula for this config
+  with ``method='pruning_global'`` (the report's pruning). A finished run's own
+  ``summary.json`` holds the multipliers of its real masks.
+
+  Args:
+    c: a trainer config.
+    steps_per_epoch: for configs that give their length in epochs (pruning and
+      lottery need the number of steps); defaults to the data set's train size
+      (after its default validation split) over the batch size.
+  """
+  import json  # pylint: disable=import-outside-toplevel
   import math  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
 
   from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax import data, distributions, masks, models  # pylint: disable=import-outside-toplevel
@@ -391,32 +455,70 @@ def config_flops(c) -> dict:
   f_dense = reference_dense_flops(c, num_classes, input_shape)
   sample = jax.ShapeDtypeStruct((1,) + tuple(input_shape), np.float32)
   params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample)["params"]
+  cost_paths = {cost.path for cost in costs}
   if c.method in config_lib.DENSE_METHODS:
     densities = {cost.path: 1.0 for cost in costs}
+    sparsities = {}
   else:
-    sparsities = distributions.sparsity_distribution(
+    tree = distributions.sparsity_distribution(
         params, c.sparsity, c.distribution, dense=list(c.dense_layers) or None,
         custom=dict(c.custom_sparsity) or None,
         uniform_first_layer_dense=c.uniform_first_layer_dense)
-    sizes = jax.tree.map(lambda p: math.prod(p.shape), params)
-    densities = {masks.path_to_str(path): masks.num_active(size, s) / size
-                 for (path, s), size in zip(jax.tree_util.tree_flatten_with_path(sparsities)[0],
-                                            jax.tree.leaves(sizes))}
-  f_sparse = forward_flops(costs, {k: v for k, v in densities.items()
-                                   if k in {cost.path for cost in costs}})
+    sizes = {masks.path_to_str(path): math.prod(p.shape)
+             for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}
+    sparsities = {masks.path_to_str(path): float(s)
+                  for path, s in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    densities = {k: masks.num_active(sizes[k], s) / sizes[k] for k, s in sparsities.items()}
+  densities = {k: v for k, v in densities.items() if k in cost_paths}
+  f_final = forward_flops(costs, densities)
+  f_sparse = f_final
+  total = None
+  if c.method in ("pruning", "pruning_global"):
+    if steps_per_epoch is None:
+      steps_per_epoch = data.train_steps_per_epoch(c.dataset, c.batch_size, c.validation_size)
+    total = config_lib.total_steps(c, steps_per_epoch)
+    mean = pruning_mean_densities(
+        {k: v for k, v in sparsities.items() if k in cost_paths}, sizes, total=total,
+        update_every=c.update_every, start_step=c.start_step,
+        end_step=config_lib.end_step(c, total))
+    f_sparse = forward_flops(costs, mean)
   method = {"pruning_global": "pruning", "lottery": "static"}.get(c.method, c.method)
   train_mult, test_mult = multipliers(method, f_dense, f_sparse, update_every=c.update_every,
-                                      train_scale=c.train_multiplier)
-  return {
+                                      f_final=f_final, train_scale=c.train_multiplier)
+  out = {
       "model": c.model, "dataset": c.dataset, "method": c.method,
       "distribution": c.distribution, "sparsity": c.sparsity,
-      "dense_forward_flops": f_dense, "sparse_forward_flops": f_sparse,
+      "dense_forward_flops": f_dense, "sparse_forward_flops": f_final,
+      "mean_sparse_forward_flops": f_sparse,
       "train_multiplier": train_mult, "test_multiplier": test_mult,
       "layers": [{"path": cost.path, "density": densities.get(cost.path, 1.0),
                   "dense_flops": layer_flops(cost),
                   "sparse_flops": layer_flops(cost, densities.get(cost.path, 1.0))}
                  for cost in costs],
   }
+  if c.method == "lottery":
+    summary_path = os.path.join(c.source_workdir, "summary.json")
+    config_path = os.path.join(c.source_workdir, "config.json")
+    if os.path.isfile(summary_path):
+      with open(summary_path) as f:
+        source_mult, origin = float(json.load(f)["train_flops_multiplier"]), summary_path
+    else:
+      if os.path.isfile(config_path):
+        with open(config_path) as f:
+          source = config_lib.base_config()
+          source.update(json.load(f))
+        origin = config_path
+      else:
+        source = config_lib.base_config()
+        source.update({k: v for k, v in c.items()})
+        source.update(method="pruning_global", source_workdir="")
+        origin = "this config with method='pruning_global'"
+      source_mult = config_flops(source, steps_per_epoch)["train_multiplier"]
+    out["retrain_multiplier"] = train_mult
+    out["source_train_multiplier"] = source_mult
+    out["source"] = origin
+    out["train_multiplier"] = train_mult + source_mult
+  return out
 
 
 def main(argv):

@@ -53,7 +53,7 @@ class TrainState(NamedTuple):
 
 def learning_rate_fn(c, steps_per_epoch: int):
   """Linear warm-up, then the base rate times ``lr_drop_factor`` per drop passed."""
-  warmup = int(round(c.warmup_epochs * steps_per_epoch))
+  warmup = config_lib.warmup_steps(c, steps_per_epoch)
   drops = jnp.asarray(config_lib.lr_drop_steps(c) or [np.iinfo(np.int32).max], jnp.int32)
   n_drops = len(config_lib.lr_drop_steps(c))
 
@@ -156,8 +156,9 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(model, tx, c, num_classes: int, lr_fn):
+def make_train_step(model, tx, c, num_classes: int, lr_fn, costs):
   skip_bad = c.on_nonfinite == "skip"
+  sparse = c.method not in config_lib.DENSE_METHODS
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -194,6 +195,9 @@ def make_train_step(model, tx, c, num_classes: int, lr_fn):
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "learning_rate": lr,
         "nonfinite": (~finite).astype(jnp.int32),
+        # Forward FLOPs per example of the masks this step's forward pass used.
+        "forward_flops": (flops_lib.masked_forward_flops(costs, rigl_jax.get_masks(state.opt_state))
+                          if sparse else flops_lib.masked_forward_flops(costs, {})),
     }
     return new_state, metrics
 
@@ -366,9 +370,11 @@ def _load_tree(directory: str, target):
 
 
 def load_lottery_source(c, params_shape):
-  """The final masks and the initial params of the pruning run in ``source_workdir``."""
+  """The final masks, the initial params and the training cost (``train_flops``,
+  ``train_flops_multiplier`` of its summary) of the pruning run in ``source_workdir``:
+  a lottery ticket's training cost includes that run, as in the report's Table 2."""
   source = c.source_workdir
-  for name in ("config.json", "final_masks", "initial_params"):
+  for name in ("config.json", "summary.json", "final_masks", "initial_params"):
     if not os.path.exists(os.path.join(source, name)):
       raise config_lib.ConfigError(
           f"config.source_workdir: {source!r} has no {name}; it must be the workdir of a "
@@ -380,9 +386,16 @@ def load_lottery_source(c, params_shape):
           f"config.source_workdir: the source run trained {field}="
           f"{source_config.get(field)!r}, this run asks for {c[field]!r}")
   mask_target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bool_), params_shape)
+  summary = _read_json(os.path.join(source, "summary.json"), "source_workdir")
+  cost = {}
+  for key in ("train_flops", "train_flops_multiplier"):
+    if not isinstance(summary.get(key), (int, float)):
+      raise config_lib.ConfigError(
+          f"config.source_workdir: {source!r}/summary.json has no number {key!r}")
+    cost[key] = float(summary[key])
   masks = _load_tree(os.path.join(source, "final_masks"), mask_target)
   initial = _load_tree(os.path.join(source, "initial_params"), None)
-  return masks, initial
+  return masks, initial, cost
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -397,7 +410,7 @@ def setup(c: ml_collections.ConfigDict, workdir: str):
     pipeline = data_lib.get_pipeline(
         c.dataset, global_batch_size=c.batch_size, eval_batch_size=c.eval_batch_size,
         seed=c.seed, validation_size=None if c.validation_size < 0 else c.validation_size,
-        data_dir=c.data_dir or None)
+        data_dir=c.data_dir or None, augmentation=c.augmentation)
   except ValueError as e:  # sizes that do not fit the data set
     raise config_lib.ConfigError(f"config.dataset={c.dataset!r}: {e}") from None
   check_workdir_config(c, workdir)
@@ -408,7 +421,7 @@ def setup(c: ml_collections.ConfigDict, workdir: str):
                                  f"start_step={c.start_step}")
   model = models.get_model(c.model, num_classes=pipeline.info.num_classes,
                            width_multiplier=config_lib.width_multiplier(c),
-                           dtype=jnp.dtype(c.dtype))
+                           dtype=jnp.dtype(c.dtype), dropout_rate=config_lib.dropout_rate(c))
   return pipeline, model, total
 
 
@@ -419,7 +432,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   pipeline, model, total = setup(c, workdir)
   info = pipeline.info
 
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  # Auto axes: the compiler places what the model computes. With jax's default
+  # Explicit axes, flax's Dropout fails (its mask is replicated, the batch sharded).
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
 
@@ -428,9 +444,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   variables_shape = jax.eval_shape(lambda: model.init(key, sample, train=False))
   params_shape = variables_shape["params"]
 
-  lottery_masks = initial_params = None
+  lottery_masks = initial_params = source_cost = None
   if c.method == "lottery":
-    lottery_masks, initial_params = load_lottery_source(c, params_shape)
+    lottery_masks, initial_params, source_cost = load_lottery_source(c, params_shape)
   tx = make_optimizer(c, total=total, lottery_masks=lottery_masks)
   sparse = c.method not in config_lib.DENSE_METHODS
   if sparse:  # bad patterns, nothing to sparsify: fail before compiling the step
@@ -477,7 +493,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resumed %s at step %d of %d.", workdir, start_step, total)
 
   lr_fn = learning_rate_fn(c, pipeline.steps_per_epoch)
-  train_step = jax.jit(make_train_step(model, tx, c, info.num_classes, lr_fn),
+  train_step = jax.jit(make_train_step(model, tx, c, info.num_classes, lr_fn, costs),
                        in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model, info.num_classes),
@@ -517,10 +533,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     nonlocal train_flops
     host = jax.device_get(pending)
     masks = masks_now()
-    f_sparse = accumulator.add(masks, steps_done)
-    per_example = flops_lib.train_flops_per_step(
-        flops_method, f_dense, f_sparse, update_every=c.update_every, f_final=f_sparse)
-    train_flops += per_example * c.batch_size * steps_done
+    step_flops = [float(m["forward_flops"]) for m in host]
+    accumulator.total += sum(step_flops)
+    accumulator.steps += len(step_flops)
+    train_flops += c.batch_size * sum(
+        flops_lib.train_flops_per_step(flops_method, f_dense, f, update_every=c.update_every,
+                                       f_final=f) for f in step_flops)
     record = {
         "step": step,
         "loss": float(np.mean([m["loss"] for m in host])),
@@ -629,6 +647,13 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       "state_crc32": digest,
       "wall_time_s": time.time() - wall_start,
   }
+  if source_cost is not None:  # lottery: the pruning run that found the ticket, plus this one
+    summary.update(
+        retrain_flops=train_flops, retrain_flops_multiplier=train_mult,
+        source_train_flops=source_cost["train_flops"],
+        source_train_flops_multiplier=source_cost["train_flops_multiplier"],
+        train_flops=train_flops + source_cost["train_flops"],
+        train_flops_multiplier=train_mult + source_cost["train_flops_multiplier"])
   if jax.process_index() == 0:
     _write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   logging.info("Done: test accuracy %.4f, val accuracy %s, global density %.4f.",

@@ -198,6 +198,67 @@ def test_eval_padding_and_mask_cover_every_example_once():
 # ------------------------------------------------------------------ augmentation
 
 
+def _bilinear_reference(image, top, left, h, w, size):
+  """torchvision-style bilinear resize of one crop, pixel by pixel (half-pixel centres)."""
+  out = np.zeros((size, size, image.shape[-1]))
+  for i in range(size):
+    for j in range(size):
+      y = min(max((i + 0.5) * h / size - 0.5, 0), h - 1)
+      x = min(max((j + 0.5) * w / size - 0.5, 0), w - 1)
+      y0, x0 = int(np.floor(y)), int(np.floor(x))
+      y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+      dy, dx = y - y0, x - x0
+      crop = image[top:top + h, left:left + w].astype(np.float64)
+      out[i, j] = ((1 - dy) * ((1 - dx) * crop[y0, x0] + dx * crop[y0, x1]) +
+                   dy * ((1 - dx) * crop[y1, x0] + dx * crop[y1, x1]))
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def test_resized_crop_flip_matches_a_pixelwise_reference():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+  aug = augment_lib.ResizedCropFlip(size=(8, 8))
+  full = {"top": np.zeros(6, int), "left": np.zeros(6, int), "h": np.full(6, 8),
+          "w": np.full(6, 8), "flip": np.array([False, True] * 3)}
+  out = aug.apply(images, full)
+  np.testing.assert_array_equal(out[0], images[0])           # whole image: identity
+  np.testing.assert_array_equal(out[1], images[1][:, ::-1])  # plus flip
+  params = aug.sample(np.random.default_rng(1), 6)
+  out = aug.apply(images, params)
+  for k in range(6):
+    expected = _bilinear_reference(images[k], params["top"][k], params["left"][k],
+                                   params["h"][k], params["w"][k], 8)
+    if params["flip"][k]:
+      expected = expected[:, ::-1]
+    np.testing.assert_allclose(out[k].astype(int), expected.astype(int), atol=1)
+
+
+def test_resized_crop_flip_boxes_follow_torchvisions_ranges():
+  aug = augment_lib.ResizedCropFlip(size=(32, 32))
+  p = aug.sample(np.random.default_rng(0), 20_000)
+  assert (p["h"] >= 1).all() and (p["h"] <= 32).all() and (p["w"] <= 32).all()
+  assert (p["top"] + p["h"] <= 32).all() and (p["left"] + p["w"] <= 32).all()
+  area = p["h"] * p["w"] / 1024
+  assert area.min() < 0.1 and area.max() > 0.95
+  ratio = p["w"] / p["h"]
+  # Rounding to whole pixels moves the ratio a little past [3/4, 4/3] on tiny boxes.
+  assert 0.5 < ratio.min() < 0.8 and 1.25 < ratio.max() < 2.0
+  assert 0.45 < p["flip"].mean() < 0.55
+
+
+def test_default_augmentation_is_the_reports_per_data_set():
+  assert augment_lib.get_augmentation("default", "cifar10", (32, 32, 3)) == \
+      augment_lib.PadCropFlip(pad=4, mode="reflect")
+  assert augment_lib.get_augmentation("default", "cifar100", (32, 32, 3)) == \
+      augment_lib.ResizedCropFlip(size=(32, 32))
+  assert augment_lib.get_augmentation("default", "mnist5k", (28, 28, 1)) is None
+  assert augment_lib.get_augmentation("none", "cifar10", (32, 32, 3)) is None
+  with pytest.raises(ValueError, match="needs images"):
+    augment_lib.get_augmentation("pad_crop_flip", "mnist1d", (40,))
+  with pytest.raises(ValueError, match="augmentation must be one of"):
+    augment_lib.get_augmentation("autoaugment", "cifar10", (32, 32, 3))
+
+
 def test_pad_crop_flip():
   images = np.arange(2 * 4 * 4 * 1, dtype=np.uint8).reshape(2, 4, 4, 1) + 1
   aug = augment_lib.PadCropFlip(pad=2)
@@ -208,8 +269,15 @@ def test_pad_crop_flip():
   corner = {"dy": np.array([0, 4]), "dx": np.array([0, 4]), "flip": np.array([False, False])}
   out = aug.apply(images, corner)
   np.testing.assert_array_equal(out[0, 2:, 2:], images[0, :2, :2])  # shifted
-  assert not out[0, :2].any() and not out[0, :, :2].any()  # zero padding
+  # Reflect padding, as torchvision's Pad(padding_mode="reflect"): the border
+  # mirrored without repeating the edge pixel (rows/cols 2, 1 before row/col 0).
+  np.testing.assert_array_equal(out[0, :2, :2], images[0][[2, 1]][:, [2, 1]])
   np.testing.assert_array_equal(out[1, :2, :2], images[1, 2:, 2:])
+  # The authors' TF code repeats the edge ("symmetric"); zeros on request.
+  symmetric = augment_lib.PadCropFlip(pad=2, mode="symmetric").apply(images, corner)
+  np.testing.assert_array_equal(symmetric[0, :2, :2], images[0][[1, 0]][:, [1, 0]])
+  zeros = augment_lib.PadCropFlip(pad=2, mode="constant").apply(images, corner)
+  assert not zeros[0, :2].any() and not zeros[0, :, :2].any()
   params = aug.sample(np.random.default_rng(0), 1000)
   assert params["dy"].min() == 0 and params["dy"].max() == 4
   assert 0.4 < params["flip"].mean() < 0.6
@@ -229,7 +297,7 @@ def test_cifar_through_mock_data(name, num_classes, tmp_path):
     p = make(name, global_batch_size=16, eval_batch_size=24, validation_size=16,
              data_dir=str(tmp_path))
     plain = make(name, global_batch_size=16, eval_batch_size=24, validation_size=16,
-                 data_dir=str(tmp_path), augment=False)
+                 data_dir=str(tmp_path), augmentation="none")
     two = [make(name, global_batch_size=16, eval_batch_size=24, validation_size=16,
                 data_dir=str(tmp_path), process_index=i, process_count=2)
            for i in range(2)]
@@ -329,7 +397,7 @@ def prepared_cifar10(tmp_path_factory):
 def test_prepared_tfrecord_cifar10_split_matches_tfds_slicing(prepared_cifar10):
   tfds_ = tfds()
   p = make("cifar10", global_batch_size=10, eval_batch_size=8, validation_size=10,
-           data_dir=prepared_cifar10, augment=False)
+           data_dir=prepared_cifar10, augmentation="none")
   assert (p.info.num_train, p.info.num_val, p.info.num_test) == (40, 10, 20)
 
   def tfds_split(split):

@@ -39,3 +39,79 @@ def test_command_line_prints_json():
     assert key in out
   assert {l["path"] for l in out["layers"]} == {"fc1/kernel", "fc2/kernel", "head/kernel"}
   assert out["sparse_forward_flops"] < 0.3 * out["dense_forward_flops"]
+
+
+def mlp_config(**overrides):
+  c = config_lib.base_config()
+  c.model, c.dataset = "lenet_300_100", "mnist5k"
+  c.num_train_steps = 50
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def test_pruning_train_flops_average_the_schedule_step_by_step():
+  """Brute force: each step's densities from the cubic schedule, averaged."""
+  from rigl_jax import masks, schedules  # pylint: disable=import-outside-toplevel
+  c = mlp_config(method="pruning", distribution="uniform", uniform_first_layer_dense=False,
+                 sparsity=0.9, update_every=10, start_step=5, end_step=35)
+  out = flops.config_flops(c)
+  sizes = {"fc1/kernel": 784 * 300, "fc2/kernel": 300 * 100, "head/kernel": 100 * 10}
+  prune_at = [5, 15, 25, 35]
+  total = 0.0
+  for step in range(50):
+    done = [t for t in prune_at if t < step]   # a pruning step's mask serves later steps
+    sparsity = 0.0 if not done else schedules.polynomial_sparsity(
+        done[-1], initial=0.0, final=0.9, start_step=5, end_step=35)
+    # MLP layers cost 2 * nnz (+ ReLU and bias terms that do not depend on the mask).
+    total += sum(2 * masks.num_active(n, sparsity) for n in sizes.values())
+  dense_mults = sum(2 * n for n in sizes.values())
+  expected = total / 50 / dense_mults
+  constant = out["dense_forward_flops"] - dense_mults  # per-output terms
+  assert (out["mean_sparse_forward_flops"] - constant) / dense_mults == pytest.approx(expected)
+  assert out["test_multiplier"] == pytest.approx(0.1, abs=0.005)
+
+
+def test_lottery_counts_its_pruning_run(tmp_path):
+  pruning = mlp_config(method="pruning_global", distribution="uniform",
+                       uniform_first_layer_dense=False, sparsity=0.9, update_every=10)
+  pruning_cost = flops.config_flops(pruning)["train_multiplier"]
+  # No source run yet: the report's pruning on this config.
+  lottery = mlp_config(method="lottery", distribution="uniform",
+                       uniform_first_layer_dense=False, sparsity=0.9, update_every=10,
+                       source_workdir=str(tmp_path / "source"))
+  out = flops.config_flops(lottery)
+  assert out["source_train_multiplier"] == pytest.approx(pruning_cost)
+  assert out["train_multiplier"] == pytest.approx(pruning_cost + out["test_multiplier"])
+  # A source config (not yet run): its own settings.
+  os.makedirs(tmp_path / "source")
+  source = mlp_config(method="pruning", sparsity=0.9, update_every=10, start_step=20)
+  (tmp_path / "source" / "config.json").write_text(source.to_json())
+  out = flops.config_flops(lottery)
+  assert out["source_train_multiplier"] == pytest.approx(
+      flops.config_flops(source)["train_multiplier"])
+  assert out["source_train_multiplier"] != pytest.approx(pruning_cost)
+  # A finished source: its measured figure.
+  (tmp_path / "source" / "summary.json").write_text(json.dumps({"train_flops_multiplier": 0.5}))
+  out = flops.config_flops(lottery)
+  assert out["source_train_multiplier"] == 0.5
+  assert out["train_multiplier"] == pytest.approx(0.5 + out["test_multiplier"])
+
+
+@pytest.mark.parametrize("config_file", ["cifar10_wrn22_2.py", "cifar100_resnet50.py"])
+def test_report_grids_prune_globally_from_step_700(config_file):
+  from launch import grid  # pylint: disable=import-outside-toplevel
+  module = grid.load_config_module(os.path.join(REPO, "configs", config_file))
+  rows = [r for r in module.sweep() if "pruning" in r["method"]]
+  assert len(rows) == 4 * 3
+  for row in rows:
+    assert row["method"] == "pruning_global"
+    assert row["distribution"] == "uniform" and row["uniform_first_layer_dense"] is False
+    assert (row["start_step"], row["end_step"], row["update_every"]) == (700, 65_918, 100)
+  c = module.get_config()
+  c.update({k: v for k, v in rows[0].items()})
+  warmup = config_lib.warmup_steps(c, steps_per_epoch=351)
+  assert warmup == (3500 if config_file.startswith("cifar10_") else 1760)
+  # The other rows warm up only on CIFAR-100 (both as the report's code does).
+  other = module.get_config()
+  assert config_lib.warmup_steps(other, 351) == (0 if config_file.startswith("cifar10_") else 1760)

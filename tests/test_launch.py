@@ -488,3 +488,18 @@ def test_lr_grid_mode_runs_the_grid_and_reports(tmp_path, stub, monkeypatch):
   assert [r["row"] for r in table] == [  # numbers sort as numbers
       "RigL (ERK), learning_rate=2.0", "RigL (ERK), learning_rate=10.0"]
   assert all(r["n@0.8"] == "1" and r["not_ok@0.8"] == "1" for r in table)
+
+
+def test_row_fields_ignore_settings_of_one_method_only():
+  """The pruning rows' own schedule labels no row; a field varied within a method does."""
+  def result(**fields):
+    return report.RunResult(name="x", workdir="x", fields=fields, status=report.OK)
+
+  runs = [result(method="rigl", distribution="erk", start_step=0, learning_rate=0.1),
+          result(method="rigl", distribution="erk", start_step=0, learning_rate=0.05),
+          result(method="pruning_global", distribution="uniform", start_step=700,
+                 learning_rate=0.1)]
+  assert report.row_fields(runs) == ["method", "distribution", "train_multiplier",
+                                     "learning_rate"]
+  runs.append(result(method="pruning_global", distribution="uniform", start_step=0))
+  assert "start_step" in report.row_fields(runs)

@@ -71,7 +71,8 @@ def test_output_shape_train_and_eval(name, variables):
   assert logits.shape == (shape[0], classes)
   assert logits.dtype == jnp.float32
   logits, updates = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), v, x)
+      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"],
+                               rngs={"dropout": jax.random.key(1)}), v, x)
   assert logits.shape == (shape[0], classes)
   # Exactly the BN models carry (and update) running statistics.
   assert ("batch_stats" in updates) == (name in BN_MODELS)
@@ -238,10 +239,16 @@ def test_convs_before_bn_have_no_bias(name, variables):
 # ----- width multiplier (Small-Dense) -------------------------------------
 
 
-def test_scale_width_rounding():
+def test_scale_width_truncates_like_the_reports_code():
+  # rigl-reproducibility truncates: int(c * sqrt(density)).
   assert scale_width(300, 0.5) == 150
   assert scale_width(16, math.sqrt(0.1)) == 5   # 5.06
-  assert scale_width(5, 0.5) == 3               # 2.5 rounds half up
+  assert scale_width(5, 0.5) == 2               # 2.5 truncates
+  assert scale_width(300, math.sqrt(0.1)) == 94  # 94.87
+  assert scale_width(100, math.sqrt(0.1)) == 31  # 31.62
+  for width in (16, 32, 64, 128, 256, 512, 2048):
+    for density in (0.5, 0.2, 0.1, 0.05):
+      assert scale_width(width, math.sqrt(density)) == int(width * np.sqrt(density))
   assert scale_width(20, 0.01) == 1             # at least one unit
   with pytest.raises(ValueError):
     scale_width(10, 0.0)
@@ -377,3 +384,48 @@ def test_unknown_model_name():
 def test_public_api():
   assert callable(models.get_model)
   assert isinstance(MODEL_NAMES, tuple)
+
+
+# ----- dropout (WRN-22-2) --------------------------------------------------
+
+
+def test_wrn_22_2_has_the_references_dropout():
+  """Both references put dropout 0.3 between the two convs of every block."""
+  model = get_model("wrn_22_2", num_classes=10)
+  assert model.dropout_rate == 0.3
+  assert get_model("wrn_22_2", num_classes=10, dropout_rate=0.0).dropout_rate == 0.0
+  with pytest.raises(ValueError, match="no dropout"):
+    get_model("resnet50_cifar", num_classes=100, dropout_rate=0.3)
+  with pytest.raises(ValueError, match="dropout_rate"):
+    get_model("wrn_22_2", num_classes=10, dropout_rate=1.0)
+
+
+def test_wrn_dropout_differs_by_key_in_training_and_is_off_at_eval():
+  model = WideResNet(depth=10, width=1, num_classes=10, dropout_rate=0.3)
+  x = normal((2, 8, 8, 3), 4)
+  v = real_init(model, x)
+
+  def train(key):
+    logits, _ = model.apply(v, x, train=True, mutable=["batch_stats"],
+                            rngs={"dropout": key})
+    return logits
+
+  a, b = train(jax.random.key(1)), train(jax.random.key(2))
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(a, train(jax.random.key(1)))
+  # Evaluation ignores the key, and without dropout training needs none.
+  np.testing.assert_array_equal(model.apply(v, x, train=False, rngs={"dropout": jax.random.key(1)}),
+                                model.apply(v, x, train=False, rngs={"dropout": jax.random.key(2)}))
+  plain = WideResNet(depth=10, width=1, num_classes=10, dropout_rate=0.0)
+  plain.apply(v, x, train=True, mutable=["batch_stats"])
+
+
+def test_full_wrn_22_2_train_forward_depends_on_the_dropout_key():
+  model = get_model("wrn_22_2", num_classes=10)
+  x = normal((2, 32, 32, 3), 5)
+  v = real_init(model, x)
+  run = jax.jit(lambda key: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                        rngs={"dropout": key})[0])
+  assert not np.allclose(run(jax.random.key(0)), run(jax.random.key(1)))
+  evaluate = jax.jit(lambda key: model.apply(v, x, train=False, rngs={"dropout": key}))
+  np.testing.assert_array_equal(evaluate(jax.random.key(0)), evaluate(jax.random.key(1)))

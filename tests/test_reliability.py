@@ -522,6 +522,9 @@ _BAD_FIELDS = [
     ("label_smoothing", 1.0), ("on_nonfinite", "ignore"), ("seed", -1), ("seed", 2**32),
     ("log_every", 0), ("eval_every", -1), ("checkpoint_every", 0), ("keep_checkpoints", 0),
     ("overwrite", "no"), ("uniform_first_layer_dense", 0),
+    ("dropout_rate", 0.3), ("dropout_rate", 1.0), ("dropout_rate", -0.5), ("dropout_rate", "0"),
+    ("augmentation", "autoaugment"), ("augmentation", 3), ("warmup_steps", -2),
+    ("warmup_steps", 1.5),
 ]
 
 

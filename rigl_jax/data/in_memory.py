@@ -12,7 +12,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from rigl_jax.data.augment import PadCropFlip
 from rigl_jax.data.base import BatchLayout, DataInfo, Pipeline, check_eval_split
 
 Arrays = tuple[np.ndarray, np.ndarray]  # (images, labels)
@@ -49,7 +48,7 @@ class ArrayPipeline(Pipeline):
 
   def __init__(self, info: DataInfo, splits: dict[str, Arrays], layout: BatchLayout,
                seed: int, preprocess: Callable[[np.ndarray], np.ndarray],
-               augment: PadCropFlip | None = None):
+               augment=None):
     sizes = {k: len(v[1]) for k, v in splits.items()}
     expected = {"train": info.num_train, "val": info.num_val, "test": info.num_test}
     if sizes != expected:

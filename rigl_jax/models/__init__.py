@@ -13,7 +13,8 @@ Example:
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                          train=False)
   logits, updates = model.apply(variables, images, train=True,
-                                mutable=["batch_stats"])
+                                mutable=["batch_stats"],
+                                rngs={"dropout": jax.random.key(1)})
 """
 
 from typing import Any, Callable
@@ -30,12 +31,14 @@ from rigl_jax.models.resnet import (BottleneckBlock, ResNet, resnet50_cifar,
 from rigl_jax.models.wide_resnet import WideResNet, WideResNetBlock
 
 
-def _wrn_22_2(*, num_classes, width_multiplier, dtype):
+def _wrn_22_2(*, num_classes, width_multiplier, dtype, dropout_rate=0.3):
   return WideResNet(depth=22, width=2, num_classes=num_classes,
-                    width_multiplier=width_multiplier, dtype=dtype)
+                    width_multiplier=width_multiplier, dropout_rate=dropout_rate,
+                    dtype=dtype)
 
 
-# Builders take (num_classes, width_multiplier, dtype) as keywords.
+# Builders take (num_classes, width_multiplier, dtype) as keywords, and
+# dropout_rate where the model has dropout (DROPOUT_MODELS).
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "lenet_300_100": LeNet300100,
     "lenet5": LeNet5,
@@ -46,34 +49,47 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+# Models with dropout, and their reference rate (the default of `get_model`).
+DROPOUT_MODELS: dict[str, float] = {"wrn_22_2": 0.3}
 
 
 def get_model(name: str, *, num_classes: int, width_multiplier: float = 1.0,
-              dtype: Any = jnp.float32) -> nn.Module:
+              dtype: Any = jnp.float32, dropout_rate: float | None = None) -> nn.Module:
   """Returns the model called `name` (one of `MODEL_NAMES`).
 
   Args:
     name: the config's `model` field.
     num_classes: size of the classifier output.
-    width_multiplier: scales every hidden width (rounded to the nearest int,
-      at least 1); input and output sizes are unchanged. Small-Dense uses
+    width_multiplier: scales every hidden width (truncated to an int, at
+      least 1); input and output sizes are unchanged. Small-Dense uses
       `sqrt(1 - sparsity)`.
     dtype: compute dtype; parameters stay float32.
+    dropout_rate: None for the model's reference rate (`DROPOUT_MODELS`, 0 for
+      models without dropout); a rate > 0 only for models in `DROPOUT_MODELS`.
 
   Raises:
-    ValueError: unknown `name`, or a non-positive `width_multiplier`.
+    ValueError: unknown `name`, a non-positive `width_multiplier`, or a
+      dropout rate outside [0, 1) or for a model without dropout.
   """
   if name not in _BUILDERS:
     raise ValueError(f"Unknown model {name!r} in config field `model`; "
                      f"allowed: {', '.join(MODEL_NAMES)}")
   if not width_multiplier > 0:
     raise ValueError(f"width_multiplier must be > 0, got {width_multiplier}")
-  return _BUILDERS[name](num_classes=num_classes,
-                         width_multiplier=width_multiplier, dtype=dtype)
+  kwargs = dict(num_classes=num_classes, width_multiplier=width_multiplier, dtype=dtype)
+  if dropout_rate is not None:
+    if not 0.0 <= dropout_rate < 1.0:
+      raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    if name in DROPOUT_MODELS:
+      kwargs["dropout_rate"] = dropout_rate
+    elif dropout_rate > 0:
+      raise ValueError(f"model {name!r} has no dropout; dropout_rate > 0 is allowed for "
+                       f"{', '.join(DROPOUT_MODELS)}")
+  return _BUILDERS[name](**kwargs)
 
 
 __all__ = [
-    "MODEL_NAMES", "get_model", "scale_width", "LeNet300100", "LeNet5",
+    "MODEL_NAMES", "DROPOUT_MODELS", "get_model", "scale_width", "LeNet300100", "LeNet5",
     "WideResNet", "WideResNetBlock", "ResNet", "BottleneckBlock",
     "resnet50_cifar", "resnet50_imagenet", "MobileNetV1",
 ]

@@ -20,14 +20,17 @@ he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def scale_width(width: int, multiplier: float) -> int:
-  """Scales a hidden width, rounding half up to the nearest int, at least 1.
+  """Scales a hidden width, truncating to an int, at least 1.
 
-  Half-up (not Python's banker's `round`) so that the result does not depend on
-  the parity of the rounded value.
+  Truncation, as the report's PyTorch code does for Small-Dense
+  (`int(c * sqrt(density))`, rigl-reproducibility `models/wide_resnet.py` l.40,
+  `models/resnet.py` l.178), so Small-Dense models have the same widths there and
+  here. The small epsilon keeps exact products (0.5 * 300) from truncating down
+  through float error.
   """
   if multiplier <= 0:
     raise ValueError(f"width_multiplier must be > 0, got {multiplier}")
-  return max(1, int(math.floor(width * multiplier + 0.5)))
+  return max(1, int(math.floor(width * multiplier + 1e-9)))
 
 
 def same_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
