@@ -44,5 +44,5 @@ def get_config():
 
 
 def sweep():
-  """The report's Table 3 grid (launch/ expands it; one workdir per entry)."""
+  """The report's Table 3 grid (rigl_jax.launch expands it; one workdir per entry)."""
   return config_lib.report_table_grid(pruning=PRUNING)

@@ -8,8 +8,8 @@ steps (batch 128), lr 0.1 dropped x0.2 at 50% and 83%, weight decay 1e-4, the
 report's dT 100 and alpha 0.3, T_end 75%, ERK over every layer. Rows: dense 1x/2x,
 Static, SET, RigL 1x/2x (ERK) and the report's pruning, at 80/90/95%, 3 seeds.
 
-    python -m launch.sweep --config=configs/mnist1d_study.py --sweep_dir=runs/mnist1d --concurrency=2
-    python -m launch.report --sweep_dir=runs/mnist1d --out=results/mnist1d
+    python -m rigl_jax.launch.sweep --config=configs/mnist1d_study.py --sweep_dir=runs/mnist1d --concurrency=2
+    python -m rigl_jax.launch.report --sweep_dir=runs/mnist1d --out=results/mnist1d
 """
 
 from rigl_jax import config as config_lib

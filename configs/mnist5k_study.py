@@ -5,8 +5,8 @@ dT 50, alpha 0.3, T_end 75%), with uniform covering every layer: an MLP's first
 layer holds 88% of its weights, so keeping it dense (the conv-net convention) would
 leave a "90% sparse" uniform net at 10% sparsity.
 
-    python -m launch.sweep --config=configs/mnist5k_study.py --sweep_dir=runs/mnist5k --concurrency=2
-    python -m launch.report --sweep_dir=runs/mnist5k --out=results/mnist5k
+    python -m rigl_jax.launch.sweep --config=configs/mnist5k_study.py --sweep_dir=runs/mnist5k --concurrency=2
+    python -m rigl_jax.launch.report --sweep_dir=runs/mnist5k --out=results/mnist5k
 """
 
 import importlib.util

@@ -6,6 +6,8 @@ All of them depend on parameter shapes only, so they work on arrays and on
 
 from __future__ import annotations
 
+import numbers
+
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -20,14 +22,21 @@ DISTRIBUTIONS = ("uniform", "er", "erk")
 
 
 def check_sparsity(value, name: str = "sparsity") -> float:
-  """A sparsity must be a number in [0, 1)."""
-  try:
-    value = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.") from None
+  """A sparsity must be a number (not a string or a bool) in [0, 1)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
+  value = float(value)
   if not 0.0 <= value < 1.0:
     raise ValueError(f"{name} must be in [0, 1), got {value}.")
   return value
+
+
+def check_number(name: str, value, low: float, high: float) -> float:
+  """A number (not a string or a bool) in [low, high]."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or \
+      not low <= float(value) <= high:
+    raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}.")
+  return float(value)
 
 
 def _er_score(shape) -> float:

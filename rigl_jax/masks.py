@@ -48,6 +48,14 @@ def default_is_sparsifiable(path: str, leaf) -> bool:
   return len(np.shape(leaf)) >= 2
 
 
+def is_floating(leaf) -> bool:
+  """Only floating-point leaves can be sparse (an integer or bool leaf is no weight)."""
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is None:
+    dtype = np.result_type(leaf)
+  return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
 def _compile_selector(selector: Selector, name: str) -> Callable[[str, Any], bool] | None:
   """Turns a selector into a predicate; validates regexes with a clear error."""
   if selector is None:
@@ -90,6 +98,7 @@ def sparsifiable(params: PyTree, *, include: Selector = None, dense: Selector = 
   Args:
     params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
     include: which leaves may be sparse; default every leaf with ndim >= 2.
+      Whatever it says, only floating-point leaves are ever sparse.
     dense: leaves forced dense, overriding ``include``.
   """
   include_fn = _compile_selector(include, "include") or default_is_sparsifiable
@@ -97,7 +106,7 @@ def sparsifiable(params: PyTree, *, include: Selector = None, dense: Selector = 
 
   def select(path, leaf):
     p = path_to_str(path)
-    return bool(include_fn(p, leaf)) and not bool(dense_fn(p, leaf))
+    return is_floating(leaf) and bool(include_fn(p, leaf)) and not bool(dense_fn(p, leaf))
 
   return jax.tree_util.tree_map_with_path(select, params)
 
@@ -134,9 +143,60 @@ def random_masks(key: jax.Array, params: PyTree, sparsities: PyTree) -> PyTree:
   return jax.tree.unflatten(treedef, masks)
 
 
+def _explicit_spec(x):
+  """``x``'s PartitionSpec when it is sharded over Explicit mesh axes, else None."""
+  try:
+    sharding = jax.typeof(x).sharding
+  except (TypeError, AttributeError):
+    return None
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty:
+    return None
+  if not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  spec = sharding.spec
+  return spec if any(axis is not None for axis in spec) else None
+
+
+def place_like(x, ref):
+  """``x`` (of ``ref``'s shape) placed as ``ref`` is: a concrete array on
+  ``ref.sharding``; under Explicit mesh axes resharded to ``ref``'s spec; otherwise
+  as it is (under Auto axes the compiler, or the caller's out_shardings, decide)."""
+  if isinstance(ref, jax.Array) and not isinstance(ref, jax.core.Tracer):
+    if isinstance(x, jax.core.Tracer) or getattr(x, "sharding", None) == ref.sharding:
+      return x
+    return jax.device_put(x, ref.sharding)
+  spec = _explicit_spec(ref)
+  if spec is None or _explicit_spec(x) == spec:
+    return x
+  return jax.sharding.reshard(x, spec)
+
+
+def replicate(x):
+  """``x`` gathered onto every device when it is sharded over Explicit mesh axes:
+  whole-layer operations (top-k, reshapes) then need no sharding rule."""
+  if _explicit_spec(x) is None:
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
-  """Zeroes the inactive entries of ``params``."""
-  return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
+  """Zeroes the inactive entries of ``params``; the result has ``params``' structure.
+
+  Leaves are matched in flatten order, so the two trees may wrap their arrays in
+  different node types: Flax NNX's ``nnx.state(model, nnx.Param)`` (Param
+  variables) against the masks in an ``nnx.Optimizer``'s state (OptVariable).
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  mask_leaves = jax.tree.leaves(masks)
+  if len(mask_leaves) != len(leaves) or any(
+      np.shape(m) != np.shape(p) for m, p in zip(mask_leaves, leaves)):
+    raise ValueError(
+        f"apply_masks: the masks ({len(mask_leaves)} leaves) do not match the params "
+        f"({len(leaves)} leaves) leaf for leaf; pass the params the optimizer was "
+        f"initialised with. Masks: {jax.tree.structure(masks)}; params: {treedef}.")
+  return treedef.unflatten([jnp.where(m, p, jnp.zeros_like(p))
+                            for p, m in zip(leaves, mask_leaves)])
 
 
 def layer_densities(masks: PyTree) -> dict[str, float]:
@@ -158,6 +218,14 @@ def count_active(masks: PyTree, where: PyTree | None = None) -> tuple[int, int]:
 
 
 def global_density(masks: PyTree, where: PyTree | None = None) -> float:
-  """Active fraction over all entries (or over the leaves where ``where`` is True)."""
+  """Active fraction of the kernels: the leaves of ndim >= 2, where sparsity lives
+  (biases and norm parameters, always dense, would only dilute it). This is the
+  ``global_density`` the trainer reports. ``where`` (a bool pytree) picks other leaves.
+  """
+  if where is None:
+    where = jax.tree.map(lambda m: np.ndim(m) >= 2, masks)
   active, total = count_active(masks, where)
-  return active / max(total, 1)
+  if total == 0:
+    raise ValueError("global_density: `where` selects no mask entry (the default "
+                     "selects the leaves of ndim >= 2).")
+  return active / total

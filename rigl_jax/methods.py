@@ -364,7 +364,8 @@ class _Momentum(Method):
     del masks
     if self.momentum_source == "optimizer":
       return ()
-    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    # zeros_like keeps each param's sharding.
+    return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
 
   def observe(self, state, grads, masks):
     del masks

@@ -374,17 +374,22 @@ def load_lottery_source(c, params_shape):
   ``train_flops_multiplier`` of its summary) of the pruning run in ``source_workdir``:
   a lottery ticket's training cost includes that run, as in the report's Table 2."""
   source = c.source_workdir
-  for name in ("config.json", "summary.json", "final_masks", "initial_params"):
+
+  def require(name):
     if not os.path.exists(os.path.join(source, name)):
       raise config_lib.ConfigError(
           f"config.source_workdir: {source!r} has no {name}; it must be the workdir of a "
           f"finished sparse run (e.g. method 'pruning')")
+
+  require("config.json")
   source_config = _read_json(os.path.join(source, "config.json"), "source_workdir")
   for field in ("model", "dataset"):
     if source_config.get(field) != c[field]:
       raise config_lib.ConfigError(
           f"config.source_workdir: the source run trained {field}="
           f"{source_config.get(field)!r}, this run asks for {c[field]!r}")
+  for name in ("summary.json", "final_masks", "initial_params"):
+    require(name)
   mask_target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bool_), params_shape)
   summary = _read_json(os.path.join(source, "summary.json"), "source_workdir")
   cost = {}
@@ -546,7 +551,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
         "learning_rate": float(host[-1]["learning_rate"]),
         "drop_fraction": float(drop_fn(step - 1)) if c.method in ("set", "rigl", "snfs",
                                                                  "rigl_sg", "rigl_sm") else 0.0,
-        "global_density": masks_lib.global_density(masks, masks_lib.sparsifiable(masks))
+        "global_density": masks_lib.global_density(masks)
                           if sparse else 1.0,
         "steps_per_s": steps_done / max(interval_s, 1e-9),
         "train_flops": train_flops,
@@ -637,7 +642,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       "train_multiplier": c.train_multiplier,
       "test_accuracy": test["accuracy"], "test_loss": test["loss"],
       "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-      "global_density": (masks_lib.global_density(masks, masks_lib.sparsifiable(masks))
+      "global_density": (masks_lib.global_density(masks)
                          if sparse else 1.0),
       "layer_densities": masks_lib.layer_densities(masks) if sparse else {},
       "steps": total,

@@ -9,11 +9,14 @@ taking the optimizer step.
 
 from __future__ import annotations
 
+import numbers
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rigl_jax import distributions
@@ -71,6 +74,21 @@ def reset_param_like(state: PyTree, params: PyTree, keep: PyTree) -> PyTree:
   return jax.tree.map(reset, state, is_leaf=is_param_like)
 
 
+def reset_inner_state(inner: optax.GradientTransformation, inner_state: PyTree,
+                      params: PyTree, keep: PyTree) -> PyTree:
+  """Zeroes the entries where ``keep`` is False in the per-parameter parts of
+  ``inner_state``: those ``optax.tree_map_params`` finds (the optax way). For an
+  inner transformation whose ``init`` cannot take tree_map_params' placeholder,
+  the subtrees shaped like params (:func:`reset_param_like`)."""
+  def reset(x, k):
+    return x if _is_masked_node(x) else jnp.where(k, x, jnp.zeros_like(x))
+
+  try:
+    return optax.tree_map_params(inner, reset, inner_state, keep, is_leaf=_is_masked_node)
+  except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+    return reset_param_like(inner_state, params, keep)
+
+
 def find_state(opt_state: PyTree) -> SparseTrainingState:
   """The (first) :class:`SparseTrainingState` inside a possibly nested optax state."""
   found = [s for s in jax.tree.leaves(
@@ -103,6 +121,45 @@ def skip_step(opt_state: PyTree) -> PyTree:
   return jax.tree.map(
       lambda s: s._replace(step=s.step + 1) if isinstance(s, SparseTrainingState) else s,
       opt_state, is_leaf=lambda x: isinstance(x, SparseTrainingState))
+
+
+def _as_int(name: str, value, minimum: int, minimum_text: str | None = None) -> int:
+  """Any integral value (int, numpy integer) >= ``minimum``; bools and floats are not."""
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or
+      value < minimum):
+    raise ValueError(f"{name} must be an int >= {minimum_text or minimum}, got {value!r}.")
+  return int(value)
+
+
+def _check_structure(name: str, tree: PyTree, masks: PyTree) -> None:
+  if jax.tree.structure(tree) != jax.tree.structure(masks):
+    raise ValueError(
+        f"sparse_training: {name} do not have the structure of the params the optimizer "
+        f"was initialised with. Expected {jax.tree.structure(masks)}, got "
+        f"{jax.tree.structure(tree)}.")
+
+
+def _lookahead_init_code():
+  return optax.lookahead(optax.identity(), 1, 0.5).init.__code__
+
+
+def _reject_lookahead() -> None:
+  """optax.lookahead keeps slow weights that no mask reaches: refuse to run under it."""
+  try:
+    caller = sys._getframe(2)  # pylint: disable=protected-access
+  except ValueError:  # called from the outermost frame: not from lookahead
+    return
+  if caller.f_code is _lookahead_init_code():
+    raise ValueError(
+        "sparse_training cannot run inside optax.lookahead: lookahead keeps a dense copy "
+        "of the slow weights and moves the fast weights towards it on every sync, which "
+        "revives dropped connections (and its reset_state=True re-initialises the masks "
+        "as integers). Apply the masks to both copies in your own lookahead loop, or use "
+        "another optimizer.")
+
+
+def _is_traced(tree) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
 def _masked_updates(updates: PyTree, params: PyTree, keep: PyTree) -> PyTree:
@@ -176,14 +233,11 @@ def sparse_training(
   if distribution not in distributions.DISTRIBUTIONS:
     raise ValueError(f"distribution must be one of {distributions.DISTRIBUTIONS}, "
                      f"got {distribution!r}.")
-  if not isinstance(update_every, int) or update_every < 1:
-    raise ValueError(f"update_every must be an int >= 1, got {update_every!r}.")
-  if not isinstance(start_step, int) or start_step < 0:
-    raise ValueError(f"start_step must be an int >= 0, got {start_step!r}.")
-  if not isinstance(end_step, int) or end_step < start_step:
-    raise ValueError(f"end_step must be an int >= start_step ({start_step}), got {end_step!r}.")
-  if not 0.0 <= float(drop_fraction) <= 1.0:
-    raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction!r}.")
+  update_every = _as_int("update_every", update_every, 1)
+  start_step = _as_int("start_step", start_step, 0)
+  end_step = _as_int("end_step", end_step, start_step, f"start_step ({start_step})")
+  seed = _as_int("seed", seed, 0)
+  drop_fraction = distributions.check_number("drop_fraction", drop_fraction, 0.0, 1.0)
   drop_fraction_fn = schedules.make_drop_fraction_fn(
       drop_schedule, initial=float(drop_fraction), start_step=start_step, end_step=end_step)
   max_drop_fraction = schedules.max_drop_fraction(drop_schedule, drop_fraction)
@@ -196,9 +250,18 @@ def sparse_training(
         uniform_first_layer_dense=uniform_first_layer_dense)
 
   def init_fn(params):
-    sparsities = layer_sparsities(params)
+    _reject_lookahead()
     key = jax.random.key(seed)
-    masks = method.initial_masks(key, params, sparsities)
+    if not jax.tree.leaves(params):
+      # optax.tree_map_params initialises with a placeholder without leaves to find
+      # the params-shaped parts of a state: the masks are one, like momentum.
+      return SparseTrainingState(
+          step=jnp.zeros([], jnp.int32), masks=params, inner_state=inner.init(params),
+          method_state=method.init(params, params), rng=jax.random.key_data(key))
+    sparsities = layer_sparsities(params)
+    # Each mask is placed like its param (sharded the same way on a mesh).
+    masks = jax.tree.map(masks_lib.place_like, method.initial_masks(key, params, sparsities),
+                         params)
     masked_params = masks_lib.apply_masks(params, masks)
     return SparseTrainingState(
         step=jnp.zeros([], jnp.int32),
@@ -211,6 +274,15 @@ def sparse_training(
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
       raise ValueError("sparse_training needs params: call tx.update(grads, state, params).")
+    _check_structure("grads", grads, state.masks)
+    _check_structure("params", params, state.masks)
+    if _is_traced((grads, state, params, extra_args)):
+      return update_impl(grads, state, params, extra_args)
+    # Called eagerly (outside jit): one compiled update, reused on every call, instead
+    # of tracing the cond's branches anew each time.
+    return jitted_update(grads, state, params, extra_args)
+
+  def update_impl(grads, state, params, extra_args):
     masks = state.masks
     method_state = method.observe(state.method_state, grads, masks)
     inner_grads = grads if method.dense_inner_gradients else masks_lib.apply_masks(grads, masks)
@@ -222,16 +294,21 @@ def sparse_training(
           method_state=method_state, rng=state.rng)
 
     def mask_step(_):
+      # Scores and top-k work on whole layers: on Explicit mesh axes they see
+      # replicated copies, and the new masks go back to the params' sharding.
+      whole = lambda tree: jax.tree.map(masks_lib.replicate, tree)
       ctx = methods_lib.UpdateContext(
           step=state.step,
           key=jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
           drop_fraction=jnp.asarray(drop_fraction_fn(state.step), jnp.float32),
-          masks=masks, params=params, grads=grads,
+          masks=whole(masks), params=whole(params), grads=whole(grads),
           sparsities=layer_sparsities(params),
           max_drop_fraction=max_drop_fraction,
           start_step=start_step, end_step=end_step, update_every=update_every,
-          inner_state=inner_state)
-      return method.update(ctx, method_state)
+          inner_state=whole(inner_state))
+      new_masks, new_method_state = method.update(ctx, whole(method_state))
+      return (jax.tree.map(masks_lib.place_like, new_masks, masks),
+              jax.tree.map(masks_lib.place_like, new_method_state, method_state))
 
     # Only the rare, expensive part (scores, top-k) sits inside the cond. The
     # optimizer step runs every step and the update step is applied with selects,
@@ -250,7 +327,7 @@ def sparse_training(
     survivors = jax.tree.map(jnp.logical_and, new_masks, masks)
     keep_state = jax.tree.map(lambda k: k | ~is_update,
                               method.keep_inner_state(masks, new_masks))
-    inner_state = reset_param_like(inner_state, params, keep_state)
+    inner_state = reset_inner_state(inner, inner_state, params, keep_state)
     updates = _masked_updates(updates, params, survivors)
     masks = new_masks
     new_state = SparseTrainingState(
@@ -258,4 +335,5 @@ def sparse_training(
         method_state=method_state, rng=state.rng)
     return updates, new_state
 
+  jitted_update = jax.jit(update_impl)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -252,6 +252,9 @@ def test_default_augmentation_is_the_reports_per_data_set():
   assert augment_lib.get_augmentation("default", "cifar100", (32, 32, 3)) == \
       augment_lib.ResizedCropFlip(size=(32, 32))
   assert augment_lib.get_augmentation("default", "mnist5k", (28, 28, 1)) is None
+  # The report's normalisation constants (rigl-reproducibility data.py l.56, l.89).
+  assert augment_lib.CIFAR10_STD == (0.2023, 0.1994, 0.2010)
+  assert augment_lib.CIFAR100_STD == (0.2673, 0.2564, 0.2762)
   assert augment_lib.get_augmentation("none", "cifar10", (32, 32, 3)) is None
   with pytest.raises(ValueError, match="needs images"):
     augment_lib.get_augmentation("pad_crop_flip", "mnist1d", (40,))

@@ -100,7 +100,7 @@ def test_lottery_counts_its_pruning_run(tmp_path):
 
 @pytest.mark.parametrize("config_file", ["cifar10_wrn22_2.py", "cifar100_resnet50.py"])
 def test_report_grids_prune_globally_from_step_700(config_file):
-  from launch import grid  # pylint: disable=import-outside-toplevel
+  from rigl_jax.launch import grid  # pylint: disable=import-outside-toplevel
   module = grid.load_config_module(os.path.join(REPO, "configs", config_file))
   rows = [r for r in module.sweep() if "pruning" in r["method"]]
   assert len(rows) == 4 * 3
@@ -115,3 +115,15 @@ def test_report_grids_prune_globally_from_step_700(config_file):
   # The other rows warm up only on CIFAR-100 (both as the report's code does).
   other = module.get_config()
   assert config_lib.warmup_steps(other, 351) == (0 if config_file.startswith("cifar10_") else 1760)
+
+
+def test_imagenet_config_is_the_authors():
+  """google-research/rigl imagenet_train_eval.py: all 1,281,167 train images, no
+  warm-up, lr x0.1 at (fractional) epochs 30, 70, 90 of batch 4096."""
+  from rigl_jax.launch import grid  # pylint: disable=import-outside-toplevel
+  c = grid.load_config_module(os.path.join(REPO, "configs", "imagenet_resnet50.py")).get_config()
+  assert c.validation_size == 0 and c.warmup_steps == 0
+  assert c.batch_size == 4096 and c.learning_rate == pytest.approx(0.1 * 4096 / 256)
+  epochs = [step * 4096 / 1_281_167 for step in c.lr_drop_steps]
+  for step, epoch, target in zip(c.lr_drop_steps, epochs, (30, 70, 90)):
+    assert epoch >= target > (step - 1) * 4096 / 1_281_167  # the first step past the epoch

@@ -1,4 +1,4 @@
-"""launch/: sweep expansion and names, the local runner and status.json, SLURM/TPU
+"""rigl_jax.launch: sweep expansion and names, the local runner and status.json, SLURM/TPU
 scripts (run against stubs, never submitted), accelerator hours, the report on tiny
 real runs, and the Optuna study with a stub trainer."""
 
@@ -13,11 +13,9 @@ import textwrap
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # launch/ is run from the repository, not installed
-  sys.path.insert(0, REPO)
+from rigl_jax.launch import cost, emit, grid, local, report, sweep, tune
 
-from launch import cost, emit, grid, local, report, sweep, tune  # pylint: disable=g-import-not-at-top
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 CIFAR10 = os.path.join(REPO, "configs", "cifar10_wrn22_2.py")
 
@@ -155,7 +153,7 @@ def test_sweep_lock_refuses_a_second_sweep(tmp_path):
 def test_sweep_and_report_command_lines_with_stub_trainer(tmp_path, stub):
   _, exe, log = stub
   sweep_dir = str(tmp_path / "sweep")
-  cmd = [sys.executable, "-m", "launch.sweep", f"--config={QUICKSTART}", f"--sweep_dir={sweep_dir}",
+  cmd = [sys.executable, "-m", "rigl_jax.launch.sweep", f"--config={QUICKSTART}", f"--sweep_dir={sweep_dir}",
          "--methods=set,rigl", "--seeds=0,13", "--set=num_train_steps=7", f"--python={exe}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
                         env=dict(os.environ, STUB_LOG=log))
@@ -173,7 +171,7 @@ def test_sweep_and_report_command_lines_with_stub_trainer(tmp_path, stub):
   assert len(manifest["runs"]) == 4 and manifest["common_overrides"] == {"num_train_steps": 7}
 
   out = str(tmp_path / "results")
-  proc = subprocess.run([sys.executable, "-m", "launch.report", f"--sweep_dir={sweep_dir}",
+  proc = subprocess.run([sys.executable, "-m", "rigl_jax.launch.report", f"--sweep_dir={sweep_dir}",
                          f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   table = open(os.path.join(out, "table.md")).read()
@@ -279,7 +277,7 @@ def test_accelerator_hours(tmp_path):
 
 TRAIN_JOBS = textwrap.dedent("""\
     import json, sys
-    from launch import grid
+    from rigl_jax.launch import grid
     from rigl_jax import train
     jobs = json.load(open(sys.argv[1]))
     base = grid.load_config_module(jobs["config"]).get_config()

@@ -1,23 +1,23 @@
-r"""Runs a grid of trainer runs: ``python -m launch.sweep --config=configs/X.py --sweep_dir=DIR``.
+r"""Runs a grid of trainer runs: ``python -m rigl_jax.launch.sweep --config=configs/X.py --sweep_dir=DIR``.
 
 The grid is the config's ``sweep()``, or a product given here::
 
   # The report's Table 2 grid, 2 runs at a time on this machine:
-  python -m launch.sweep --config=configs/cifar10_wrn22_2.py --sweep_dir=runs/table2 \
+  python -m rigl_jax.launch.sweep --config=configs/cifar10_wrn22_2.py --sweep_dir=runs/table2 \
       --concurrency=2
   # A product: methods x distributions x sparsities x training multipliers x seeds,
   # with overrides shared by every run (not part of the run names):
-  python -m launch.sweep --config=configs/quickstart.py --sweep_dir=runs/mnist \
+  python -m rigl_jax.launch.sweep --config=configs/quickstart.py --sweep_dir=runs/mnist \
       --methods=static,set,rigl --distributions=uniform,erk --sparsities=0.8,0.9 \
       --seeds=0,1,2 --set=num_epochs=20
   # Instead of running: a SLURM array script, or a TPU-pod script.
-  python -m launch.sweep --config=configs/cifar10_wrn22_2.py --sweep_dir=/shared/table2 \
+  python -m rigl_jax.launch.sweep --config=configs/cifar10_wrn22_2.py --sweep_dir=/shared/table2 \
       --emit=slurm --slurm_partition=gpu --slurm_setup='source ~/venv/bin/activate'
   # The report's learning-rate grid (lr x (alpha, dT) x 3 seeds) at one setting:
-  python -m launch.sweep --config=configs/cifar10_wrn22_2.py --sweep_dir=runs/lr_erk_90 \
+  python -m rigl_jax.launch.sweep --config=configs/cifar10_wrn22_2.py --sweep_dir=runs/lr_erk_90 \
       --grid=lr --set=distribution=erk --set=sparsity=0.9
   # Accelerator hours of the grid for step times you give (seconds per step):
-  python -m launch.sweep --config=configs/cifar10_wrn22_2.py --sweep_dir=runs/table2 \
+  python -m rigl_jax.launch.sweep --config=configs/cifar10_wrn22_2.py --sweep_dir=runs/table2 \
       --estimate --seconds_per_step=a100=0.05 --seconds_per_step=v100=0.09
 
 Each run's workdir is ``DIR/NAME`` (``method=rigl,distribution=erk,sparsity=0.9,seed=0``).
@@ -34,7 +34,7 @@ import sys
 
 from absl import app, flags
 
-from launch import cost, emit, grid, local
+from rigl_jax.launch import cost, emit, grid, local
 
 def define_flags():
   """Defines the command-line flags (only when run as a program, so that the launch

@@ -5,7 +5,7 @@ dT in {50, 100, ..., 950}; the objective is the validation accuracy averaged ove
 seeds, each seed a full trainer run in its own workdir
 ``SWEEP_DIR/STUDY_NAME/drop_fraction=A,update_every=T,seed=S``::
 
-  python -m launch.tune --config=configs/cifar10_wrn22_2.py --sweep_dir=runs/tune_erk_90 \
+  python -m rigl_jax.launch.tune --config=configs/cifar10_wrn22_2.py --sweep_dir=runs/tune_erk_90 \
       --set=distribution=erk --set=sparsity=0.9 --seeds=0,1,2 --n_trials=15
 
 The study lives in ``SWEEP_DIR/optuna.db`` (SQLite). A killed study resumes with the
@@ -20,7 +20,7 @@ Learning-rate grid: lr in {0.1, 0.05, 0.01, 0.005} x (alpha, dT) in {(0.3, 100),
 --grid=lr`` is the same grid with SLURM/TPU emission), then reported into
 ``SWEEP_DIR/report``::
 
-  python -m launch.tune --mode=lr_grid --config=configs/cifar10_wrn22_2.py \
+  python -m rigl_jax.launch.tune --mode=lr_grid --config=configs/cifar10_wrn22_2.py \
       --sweep_dir=runs/lr_erk_90 --set=distribution=erk --set=sparsity=0.9 --concurrency=2
 
 ``--estimate --seconds_per_step=LABEL=SECONDS`` prints the accelerator hours instead.
@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 from absl import app, flags
 
-from launch import grid, local
+from rigl_jax.launch import grid, local
 
 ALPHA_RANGE = (0.1, 0.6)
 DT_VALUES = tuple(range(50, 951, 50))     # 50, 100, ..., 950
@@ -53,7 +53,7 @@ def import_optuna():
   try:
     import optuna  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise ImportError("launch.tune needs optuna: pip install -e '.[launch]' "
+    raise ImportError("rigl_jax.launch.tune needs optuna: pip install -e '.[launch]' "
                       "(or pip install optuna)") from None
   return optuna
 
@@ -252,7 +252,7 @@ def run_lr_grid(config_path: str, sweep_dir: str, *, seeds: Sequence[int] = (0, 
                 pairs: Sequence[tuple[float, int]] = grid.LR_GRID_PAIRS) -> dict[str, str]:
   """The learning-rate grid as a local sweep (one trainer subprocess per run, finished
   runs skipped), then its report in ``SWEEP_DIR/report``; returns the runs' states."""
-  from launch import report  # pylint: disable=import-outside-toplevel
+  from rigl_jax.launch import report  # pylint: disable=import-outside-toplevel
   base = grid.load_config_module(config_path).get_config()
   runs = grid.make_runs(grid.lr_grid(seeds, learning_rates, pairs), sweep_dir, base)
   states = local.run_sweep(runs, sweep_dir, config_path=config_path, common=fixed or {},
@@ -299,7 +299,7 @@ def main(argv):
   sweep_dir = FLAGS.sweep_dir
 
   if FLAGS.estimate:  # n_trials x seeds runs (TPE) or the grid's runs, each a full training
-    from launch import cost  # pylint: disable=import-outside-toplevel
+    from rigl_jax.launch import cost  # pylint: disable=import-outside-toplevel
     if FLAGS.mode == "lr_grid":
       configs = [grid.apply_overrides(base, fixed, o) for o in grid.lr_grid(seeds)]
     else:

@@ -1,4 +1,4 @@
-r"""Tables and plots of a sweep: ``python -m launch.report --sweep_dir=DIR --out=RESULTS_DIR``.
+r"""Tables and plots of a sweep: ``python -m rigl_jax.launch.report --sweep_dir=DIR --out=RESULTS_DIR``.
 
 Reads every run of the sweep (the runs listed in ``DIR/sweep.json``, every workdir in
 ``DIR`` and every entry of ``DIR/status.json``): its ``summary.json``, ``config.json``
@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
-from launch import grid, local
+from rigl_jax.launch import grid, local
 
 OK, FAILED, DIVERGED, UNFINISHED, RUNNING, NOT_RUN = (
     "ok", "failed", "diverged", "unfinished", "running", "not run")
@@ -407,7 +407,7 @@ def _pyplot():
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise ImportError("launch.report's plots need matplotlib: pip install -e '.[launch]' "
+    raise ImportError("rigl_jax.launch.report's plots need matplotlib: pip install -e '.[launch]' "
                       "(or pip install matplotlib)") from None
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel

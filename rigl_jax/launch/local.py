@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from launch import grid
+from rigl_jax.launch import grid
 
 STATUS = "status.json"
 SUMMARY = "summary.json"

@@ -23,8 +23,8 @@ import os
 import shlex
 from typing import Sequence
 
-from launch import grid
-from launch import local
+from rigl_jax.launch import grid
+from rigl_jax.launch import local
 
 SLURM_SCRIPT, SLURM_LIST = "sweep.slurm", "slurm_runs.tsv"
 TPU_SCRIPT = "sweep_tpu.sh"
@@ -78,7 +78,7 @@ def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
     directives.append(f"--mem={mem}")
   lines = [
       "#!/bin/bash",
-      f"# {len(runs)} runs of {config_path}, written by `python -m launch.sweep --emit=slurm`.",
+      f"# {len(runs)} runs of {config_path}, written by `python -m rigl_jax.launch.sweep --emit=slurm`.",
       f"# Submit: sbatch {shlex.quote(os.path.join(sweep_dir, SLURM_SCRIPT))}",
       "# Finished runs (summary.json present) exit at once; submit again to resume the rest.",
       "# Run one task by hand: SLURM_ARRAY_TASK_ID=3 bash THIS_SCRIPT",
@@ -126,7 +126,7 @@ def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
   lines = [
       "#!/bin/bash",
       f"# {len(runs)} runs of {config_path} on a multi-host TPU pod, one after another,",
-      "# written by `python -m launch.sweep --emit=tpu`. Every run executes on all workers",
+      "# written by `python -m rigl_jax.launch.sweep --emit=tpu`. Every run executes on all workers",
       "# (--worker=all) with --distributed; the sweep directory must be on a file system",
       "# every worker sees. Finished runs are skipped; run the script again to resume.",
       "set -uo pipefail",

@@ -1,0 +1,109 @@
+"""Run by tests/test_composition.py in a subprocess with N forced CPU devices:
+the transform on params sharded over a mesh (Explicit and Auto axes; model-parallel,
+FSDP-style and both), against the same steps on one device.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharding_check.py
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import rigl_jax
+
+METHODS = ("rigl", "set", "snfs", "pruning_global")
+STEPS = 7
+
+
+def make_params():
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return {"fc1": {"kernel": jax.random.normal(k1, (64, 48)), "bias": jnp.zeros(48)},
+          "fc2": {"kernel": jax.random.normal(k2, (48, 16)), "bias": jnp.zeros(16)}}
+
+
+def make_tx(method):
+  return rigl_jax.sparse_training(optax.sgd(0.1, momentum=0.9), method=method, sparsity=0.8,
+                                  update_every=2, end_step=6, seed=3)
+
+
+def fake_grads(params, step):
+  # Elementwise (no reductions), so sharded and unsharded runs see the same numbers.
+  return jax.tree.map(lambda p: jnp.sin(3.0 * p + step), params)
+
+
+def run(tx, params, init_fn):
+  state = init_fn(params)
+  params = jax.jit(rigl_jax.apply_masks)(params, state)
+
+  @jax.jit
+  def step(params, state, i):
+    updates, state = tx.update(fake_grads(params, i), state, params)
+    return optax.apply_updates(params, updates), state
+
+  for i in range(STEPS):
+    params, state = step(params, state, jnp.float32(i))
+  return params, state
+
+
+def check(mesh_shape, axis_type, specs, method, reference):
+  mesh = jax.make_mesh(mesh_shape, ("data", "model"), axis_types=(axis_type,) * 2)
+  tx = make_tx(method)
+  with jax.set_mesh(mesh):
+    params = jax.tree.map(lambda p, s: jax.device_put(p, NamedSharding(mesh, s)),
+                          make_params(), specs)
+    if axis_type == AxisType.Explicit:
+      init_fn = jax.jit(tx.init)
+    else:  # Auto axes: shardings of the state derived from the params', the optax way
+      abstract = jax.eval_shape(tx.init, params)
+      state_specs = optax.tree_map_params(tx, lambda _, s: s, abstract, specs,
+                                          transform_non_params=lambda _: P())
+      init_fn = jax.jit(tx.init, out_shardings=jax.tree.map(
+          lambda s: NamedSharding(mesh, s), state_specs))
+    params, state = run(tx, params, init_fn)
+  masks = rigl_jax.get_masks(state)
+  ref_params, ref_state = reference
+  for m, p, s, ref_m, ref_p in zip(jax.tree.leaves(masks), jax.tree.leaves(params),
+                                    jax.tree.leaves(specs), jax.tree.leaves(ref_state.masks),
+                                    jax.tree.leaves(ref_params)):
+    want = NamedSharding(mesh, s)
+    assert m.sharding.is_equivalent_to(want, m.ndim), (m.sharding, s)  # masks like params
+    assert p.sharding.is_equivalent_to(want, p.ndim), (p.sharding, s)
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(ref_m))  # same masks as 1 device
+    np.testing.assert_array_equal(np.asarray(p), np.asarray(ref_p))
+    assert not np.asarray(p)[~np.asarray(m)].any()
+  momentum = rigl_jax.methods.optimizer_momentum(state.inner_state, params)
+  for mu, s in zip(jax.tree.leaves(momentum), jax.tree.leaves(specs)):
+    assert mu.sharding.is_equivalent_to(NamedSharding(mesh, s), mu.ndim), (mu.sharding, s)
+
+
+def main():
+  n = jax.device_count()
+  layouts = {  # name: (mesh shape, specs)
+      "model-parallel": ((1, n), {"fc1": {"kernel": P(None, "model"), "bias": P("model")},
+                                  "fc2": {"kernel": P("model", None), "bias": P()}}),
+      "fsdp": ((n, 1), {"fc1": {"kernel": P("data", None), "bias": P()},
+                        "fc2": {"kernel": P("data", None), "bias": P()}}),
+  }
+  if n == 4:
+    layouts["2d"] = ((2, 2), {"fc1": {"kernel": P("data", "model"), "bias": P("model")},
+                              "fc2": {"kernel": P("model", "data"), "bias": P("data")}})
+  for method in METHODS:
+    reference = run(make_tx(method), make_params(), make_tx(method).init)
+    # The method really moved the masks during the reference run.
+    initial = make_tx(method).init(make_params()).masks
+    assert any((np.asarray(a) != np.asarray(b)).any() for a, b in
+               zip(jax.tree.leaves(initial), jax.tree.leaves(reference[1].masks))), method
+    for name, (shape, specs) in layouts.items():
+      for axis_type in (AxisType.Explicit, AxisType.Auto):
+        check(shape, axis_type, specs, method, reference)
+        print(f"ok {n} devices {name} {axis_type.name} {method}")
+
+
+if __name__ == "__main__":
+  main()
+  sys.exit(0)
