@@ -128,8 +128,11 @@ def sparsity_distribution(
   is_candidate = dict(zip(paths, jax.tree.leaves(candidates)))
   is_allowed = dict(zip(paths, jax.tree.leaves(allowed)))
   if not any(is_allowed.values()):
-    raise ValueError("params: no parameter to sparsify (by default every leaf with "
-                     "ndim >= 2 is sparsifiable; check `include` and `dense`).")
+    if any(is_candidate.values()):
+      raise ValueError("dense: the patterns force every sparsifiable parameter dense; "
+                       "nothing is left to sparsify.")
+    raise ValueError("params: no parameter to sparsify (by default every floating "
+                     "leaf with ndim >= 2 is sparsifiable; check `include` and `dense`).")
 
   result = {p: 0.0 for p in paths}
   budget_layers = []
@@ -152,4 +155,9 @@ def sparsity_distribution(
     scores = {p: score_fn(shapes[p]) for p in budget_layers}
     for path, density in _solve_budget(sizes, scores, sparsity).items():
       result[path] = max(0.0, 1.0 - density)
+  for path, s in result.items():
+    size = int(np.prod(shapes[path]))
+    if s > 0.0 and masks_lib.num_active(size, s) < 1:
+      raise ValueError(f"sparsity: {s:.9g} leaves layer {path!r} ({size} weights) without a "
+                       f"single active weight; lower the sparsity or keep that layer dense.")
   return jax.tree.unflatten(treedef, [result[p] for p in paths])

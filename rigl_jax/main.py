@@ -46,6 +46,7 @@ class _QuietLibraries:
 EXIT_FAILED = 1     # anything else: a lost peer, no usable checkpoint, a crash
 EXIT_BAD_INPUT = 2  # a bad flag or config field; nothing was written
 EXIT_DIVERGED = 3   # a non-finite loss or gradient with on_nonfinite="stop"
+EXIT_INTERRUPTED = 130  # a second Ctrl-C (the shell's code for SIGINT)
 
 
 def _fail(message, code: int):
@@ -125,6 +126,9 @@ def main(argv):
     _fail(e, EXIT_BAD_INPUT)
   except FloatingPointError as e:
     _fail(f"training diverged: {e}", EXIT_DIVERGED)
+  except KeyboardInterrupt:
+    _fail("interrupted by a second Ctrl-C: stopped at once; the last checkpoint is kept, "
+          "rerun the same command to resume from it", EXIT_INTERRUPTED)
   except checkpoint_lib.CheckpointRestoreError as e:
     _fail(f"checkpoints: {e} Move the checkpoints folder away to start over.", EXIT_FAILED)
   except Exception as e:  # pylint: disable=broad-except

@@ -220,7 +220,9 @@ def make_eval_step(model, num_classes: int):
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step.
+  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop checks after each
+  step: the run saves and exits 0. A second Ctrl-C stops at once (the last
+  checkpoint is kept).
 
   With several processes, jax's preemption notifier owns SIGTERM: a notice to any
   process makes every process stop at the same agreed step (``check`` must be
@@ -229,16 +231,16 @@ class Preemption:
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
     self._multi_process = jax.process_count() > 1
 
   def __enter__(self):
-    if self._multi_process:
-      return self
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
+    signals = (signal.SIGINT,) if self._multi_process else (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
     return self
 
   def check(self, step: int) -> bool:
@@ -249,12 +251,16 @@ class Preemption:
     return self.requested
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT:
+      if self.requested:
+        raise KeyboardInterrupt
+      logging.warning("Ctrl-C: saving after this step; press Ctrl-C again to stop at once.")
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def _write_json_atomic(path: str, obj) -> None:
@@ -314,7 +320,8 @@ class MetricsLog:
     self.last_train = {}
     lines = []
     if os.path.exists(path):
-      with open(path) as f:
+      # A damaged byte must not stop every rerun: such a line fails to parse and is dropped.
+      with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
           try:
             record = json.loads(line)
@@ -335,10 +342,21 @@ class MetricsLog:
     if jax.process_index() != 0:
       return
     with open(self.path, "a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
+      f.write(json.dumps(_finite_or_null(record), sort_keys=True, allow_nan=False) + "\n")
     self.last = record
     if "train_flops" in record:
       self.last_train = record
+
+
+def _finite_or_null(value):
+  """NaN and infinities as JSON null (``json.dumps`` would write bare ``NaN``)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _finite_or_null(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_null(v) for v in value]
+  return value
 
 
 def _to_host(tree):
@@ -458,8 +476,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
       jax.eval_shape(tx.init, params_shape)
     except ValueError as e:
-      field = {"dense": "dense_layers", "custom": "custom_sparsity"}.get(
-          str(e).split(":")[0], "model")
+      field = {"dense": "dense_layers", "custom": "custom_sparsity",
+               "sparsity": "sparsity"}.get(str(e).split(":")[0], "model")
       raise config_lib.ConfigError(f"config.{field}: {e}") from None
   costs = flops_lib.model_costs(model, info.input_shape)
 
@@ -582,10 +600,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       metrics_log.write({"step": int(jax.device_get(state.step)), "event": "nonfinite",
                          "nonfinite_step": bad})
       ckpt.close()
+      latest = ckpt.latest_step()
+      kept = (f"the last good checkpoint (step {latest}) is kept" if latest is not None
+              else "no checkpoint had been written yet")
       raise FloatingPointError(
-          f"non-finite loss or gradient at step {bad}; stopped, the last good checkpoint "
-          f"(step {ckpt.latest_step()}) is kept. Set --config.on_nonfinite=skip to skip "
-          f"such batches instead.")
+          f"non-finite loss or gradient at step {bad}; stopped, {kept}. Set "
+          f"--config.on_nonfinite=skip to skip such batches instead.")
 
   batches = pipeline.train_batches(start_step)
   pending, interval_start, interval_steps = [], time.time(), 0
@@ -619,7 +639,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.save(total, state, force=True)
   ckpt.close()
   if preempted:
-    logging.info("SIGTERM: saved step %d and stopped; rerun the same command to resume.",
+    logging.info("Stop requested (SIGTERM or Ctrl-C): saved step %d and stopped; rerun the "
+                 "same command to resume.",
                  int(jax.device_get(state.step)))
     return {"preempted": True, "steps": int(jax.device_get(state.step))}
 

@@ -501,3 +501,14 @@ def test_row_fields_ignore_settings_of_one_method_only():
                                      "learning_rate"]
   runs.append(result(method="pruning_global", distribution="uniform", start_step=0))
   assert "start_step" in report.row_fields(runs)
+
+
+def test_one_seed_shows_no_spread():
+  def cell(*accuracies):
+    return report.Cell(runs=[report.RunResult(name=f"r{i}", workdir="x", fields={},
+                                              status=report.OK,
+                                              summary={"test_accuracy": a})
+                             for i, a in enumerate(accuracies)])
+
+  assert report.accuracy_text(cell(0.919)) == "91.90 (n=1)"
+  assert report.accuracy_text(cell(0.92, 0.93)) == "92.50 ± 0.71 (n=2)"

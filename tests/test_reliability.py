@@ -361,6 +361,36 @@ def test_divergence_stop_is_one_line_and_keeps_finite_checkpoints(tmp_path, cach
   assert first_flagged - 5 <= bad < first_flagged  # the log interval holding the bad step
 
 
+def test_divergence_before_any_checkpoint_says_so_and_logs_strict_json(tmp_path):
+  c = config_lib.base_config()
+  c.batch_size, c.eval_batch_size = 50, 250
+  c.learning_rate = 1e6
+  c.num_train_steps, c.checkpoint_every, c.log_every = 40, 1000, 5
+  with pytest.raises(FloatingPointError, match="no checkpoint had been written yet"):
+    train.train_and_evaluate(c, str(tmp_path))
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert lines
+
+  def bare(name):
+    raise AssertionError(f"bare {name} in metrics.jsonl")
+
+  records = [json.loads(line, parse_constant=bare) for line in lines]
+  assert any(r.get("loss", 0.0) is None for r in records)  # the non-finite loss, as null
+
+
+def test_a_damaged_byte_in_metrics_jsonl_does_not_stop_reruns(tmp_path):
+  c = config_lib.base_config()
+  c.batch_size, c.eval_batch_size = 50, 250
+  c.num_train_steps, c.checkpoint_every, c.log_every = 20, 10, 5
+  first = train.train_and_evaluate(c, str(tmp_path))
+  path = tmp_path / "metrics.jsonl"
+  data = path.read_bytes()
+  cut = data.index(b'"loss"')
+  path.write_bytes(data[:cut] + b"\xff" + data[cut + 1:])
+  again = train.train_and_evaluate(c, str(tmp_path))  # finished: restores and re-evaluates
+  assert again["test_accuracy"] == first["test_accuracy"]
+
+
 def test_divergence_skip_skips_bad_batches(tmp_path):
   c = config_lib.base_config()
   c.batch_size, c.eval_batch_size, c.update_every = 50, 250, 10
@@ -472,6 +502,9 @@ BAD_RUNS = [  # (id, config overrides, expected start of the message); {tmp}: tm
      "config.dense_layers: dense: pattern 'conv9' matches no parameter"),
     ("workdir of another config", {"sparsity": 0.5},
      "config.sparsity: the workdir {workdir} holds a run with sparsity=0.9"),
+    ("sparsity leaves a layer empty", {"sparsity": 0.9999999}, "config.sparsity: sparsity: "),
+    ("every layer forced dense", {"dense_layers": (".*",)},
+     "config.dense_layers: dense: the patterns force every sparsifiable parameter dense"),
     ("workdir is a file", {}, "workdir: '{workdir}' exists and is not a directory"),
     ("workdir config.json damaged", {}, "config.overwrite: cannot read {workdir}/config.json"),
 ]

@@ -148,17 +148,19 @@ def test_kill_and_resume_is_exact(tmp_path):
   assert steps == sorted(set(steps))  # no duplicated lines after the resume
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_saves_and_exits_zero(tmp_path, signum):
+  """SIGTERM and a first Ctrl-C both save the step just finished and exit 0."""
   proc = run_main(tmp_path, "--config.num_train_steps=100000", "--config.log_every=50",
                   "--config.checkpoint_every=100000", wait=False)
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
-  assert "preempted at step" in out
+  assert "preempted at step" in out and "Traceback" not in err
   step, _ = final_state(tmp_path)
   assert 0 < step < 100000
 

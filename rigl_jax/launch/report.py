@@ -305,14 +305,18 @@ def _column_title(sparsity: float) -> str:
 
 
 def accuracy_text(cell: Cell | None) -> str:
-  """``92.40 ± 0.06 (n=3)``, with the runs without a result counted."""
+  """``92.40 ± 0.06 (n=3)`` (one seed: ``91.90 (n=1)``), with the runs without a result
+  counted."""
   if cell is None:
     return ""
   problems = ", ".join(f"{n} {s}" for s, n in sorted(cell.problems.items()))
   n = len(cell.accuracies)
   if not n:
     return problems or "no runs"
-  text = f"{cell.mean(scale=100):.2f} ± {cell.std(scale=100):.2f} (n={n}"
+  if n == 1:  # one seed has no spread to show
+    text = f"{cell.mean(scale=100):.2f} (n=1"
+  else:
+    text = f"{cell.mean(scale=100):.2f} ± {cell.std(scale=100):.2f} (n={n}"
   return text + (f"; {problems})" if problems else ")")
 
 
