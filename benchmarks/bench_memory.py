@@ -47,6 +47,7 @@ import numpy as np
 
 from rigl_jax import config as config_lib
 from rigl_jax import models
+from rigl_jax import flops as flops_lib
 from rigl_jax import train as train_lib
 from rigl_jax.data import INPUT_SPECS
 from rigl_jax.transform import SparseTrainingState
@@ -113,17 +114,15 @@ def compiled_memory(model_name, dataset, method):
   key = jax.random.key(0)
 
   def init_state():
-    variables = model.init(key, jnp.zeros((1,) + hwc), train=False)
-    return train_lib.TrainState(
-        step=jnp.zeros([], jnp.int32), params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
-        rng=jax.random.key_data(key), nonfinite_step=jnp.full([], -1, jnp.int32))
+    return train_lib.create_train_state(model, tx, jnp.zeros((1,) + hwc), key,
+                                        sparse=c.method not in ("dense", "small_dense"))
 
   state = jax.eval_shape(init_state)
   batch = {"image": jax.ShapeDtypeStruct((BATCH,) + hwc, jnp.float32),
            "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32)}
   lr_fn = train_lib.learning_rate_fn(c, 100)
-  step = jax.jit(train_lib.make_train_step(model, tx, c, classes, lr_fn), donate_argnums=0)
+  costs = flops_lib.model_costs(model, hwc)
+  step = jax.jit(train_lib.make_train_step(model, tx, c, classes, lr_fn, costs), donate_argnums=0)
   t0 = time.perf_counter()
   ma = step.lower(state, batch).compile().memory_analysis()
   compile_s = time.perf_counter() - t0

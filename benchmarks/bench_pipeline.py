@@ -56,6 +56,7 @@ from jax.sharding import PartitionSpec as P
 from rigl_jax import config as config_lib
 from rigl_jax import data as data_lib
 from rigl_jax import models
+from rigl_jax import flops as flops_lib
 from rigl_jax import train as train_lib
 import rigl_jax
 
@@ -112,17 +113,13 @@ def bench_case(dataset, model_name, reps, calls, log):
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   key = jax.random.key(0)
-  variables = model.init(key, jnp.zeros((1,) + tuple(info.input_shape)), train=False)
-  opt_state = tx.init(variables["params"])
-  params = rigl_jax.apply_masks(variables["params"], opt_state)
-  state0 = train_lib.TrainState(
-      step=jnp.ones([], jnp.int32),  # step 1: not a mask-update step
-      params=params, batch_stats=variables.get("batch_stats", {}), opt_state=opt_state,
-      rng=jax.random.key_data(jax.random.fold_in(key, 1)),
-      nonfinite_step=jnp.full([], -1, jnp.int32))
+  state0 = train_lib.create_train_state(model, tx, jnp.zeros((1,) + tuple(info.input_shape)),
+                                        key, sparse=True)
+  state0 = state0._replace(step=jnp.ones([], jnp.int32))  # step 1: not a mask-update step
   state0 = jax.device_put(state0, replicated)
   lr_fn = train_lib.learning_rate_fn(c, pipeline.steps_per_epoch)
-  step_fn = jax.jit(train_lib.make_train_step(model, tx, c, info.num_classes, lr_fn),
+  costs = flops_lib.model_costs(model, info.input_shape)
+  step_fn = jax.jit(train_lib.make_train_step(model, tx, c, info.num_classes, lr_fn, costs),
                     in_shardings=(replicated, batch_sharding),
                     out_shardings=(replicated, replicated), donate_argnums=0)
 

@@ -190,13 +190,8 @@ def load_run(workdir: str) -> Run:
     lottery_masks = jax.tree.map(lambda s: np.ones(s.shape, bool), params_shape)
   tx = train.make_optimizer(c, total=_total_steps(workdir, c), lottery_masks=lottery_masks)
 
-  def init_state():  # the shape of train_and_evaluate's init_state
-    variables = model.init(key, sample, train=False)
-    return train.TrainState(
-        step=jnp.zeros([], jnp.int32), params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
-        rng=jax.random.key_data(jax.random.fold_in(key, 1)),
-        nonfinite_step=jnp.full([], -1, jnp.int32))
+  def init_state():  # the trainer's state, for its shape
+    return train.create_train_state(model, tx, sample, key, sparse=sparse)
 
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),

@@ -276,39 +276,6 @@ def forward_flops(costs: Iterable[LayerCost], densities=None, *, relu: bool = Tr
   return float(sum(layer_flops(c, per_layer.get(c.path, 1.0), relu=relu) for c in costs))
 
 
-class FlopsAccumulator:
-  """Averages the sparse forward FLOPs over training, for methods where they change.
-
-  SNFS and the RigL-SG/SM variants redistribute density between layers and
-  pruning removes weights over time, so their ``f_S`` is the mean over all training
-  steps. Call ``add(densities, steps)`` for each stretch of ``steps`` steps spent
-  at the given densities (e.g. once per mask update with ``steps=update_every``)
-  and read ``mean``.
-  """
-
-  def __init__(self, costs: Iterable[LayerCost], *, relu: bool = True):
-    self.costs = list(costs)
-    self.relu = relu
-    self.total = 0.0  # sum over steps of forward FLOPs per example
-    self.steps = 0
-
-  def add(self, densities=None, steps: int = 1) -> float:
-    """Records ``steps`` steps at ``densities``; returns that state's forward FLOPs."""
-    if steps < 0:
-      raise ValueError(f"steps must be >= 0, got {steps}.")
-    f = forward_flops(self.costs, densities, relu=self.relu)
-    self.total += f * steps
-    self.steps += steps
-    return f
-
-  @property
-  def mean(self) -> float:
-    """Mean forward FLOPs per example over the recorded steps."""
-    if self.steps == 0:
-      raise ValueError("FlopsAccumulator.mean: no steps recorded.")
-    return self.total / self.steps
-
-
 def train_flops_per_step(method: str, f_dense: float, f_sparse: float | None = None, *,
                          update_every: int = 100, f_final: float | None = None) -> float:
   """Training FLOPs per example per step, the backward pass costing 2x the forward.
@@ -318,7 +285,7 @@ def train_flops_per_step(method: str, f_dense: float, f_sparse: float | None = N
     f_dense: dense forward FLOPs ``f_D``.
     f_sparse: sparse forward FLOPs ``f_S``; for methods where it changes during
       training (snfs, rigl_sg, rigl_sm, pruning) the mean over training (see
-      ``FlopsAccumulator``); for small_dense the small model's FLOPs; for lottery
+      the trainer's per-step count); for small_dense the small model's FLOPs; for lottery
       the mean of the pruning run it starts from. Ignored for dense.
     update_every: ``dT``, steps between mask updates (RigL family only).
     f_final: lottery only: forward FLOPs of the final pruned network, which is

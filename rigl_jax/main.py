@@ -30,6 +30,10 @@ flags.DEFINE_integer("shutdown_timeout_s", 10,
                      "With --distributed: the longest wait for the other processes at exit.")
 flags.DEFINE_integer("init_timeout_s", 300,
                      "With --distributed: the longest wait for every process to join.")
+flags.DEFINE_string("compilation_cache_dir", os.path.join("~", ".cache", "rigl_jax", "jax"),
+                    "JAX's persistent compilation cache: a rerun, a resume or another run of "
+                    "the same shapes skips compiling. '' turns it off; the environment "
+                    "variable JAX_COMPILATION_CACHE_DIR, when set, takes precedence.")
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -115,6 +119,9 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     _fail(f"flags: --config: {e}", EXIT_BAD_INPUT)
   import jax  # pylint: disable=import-outside-toplevel
+  if FLAGS.compilation_cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.expanduser(FLAGS.compilation_cache_dir))
   if FLAGS.distributed:
     _initialize_distributed(jax)
   from rigl_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel

@@ -46,6 +46,10 @@ class TrainState(NamedTuple):
   opt_state: PyTree
   rng: jax.Array             # uint32 key data, folded with the step for stochastic layers
   nonfinite_step: jax.Array  # int32: first step with a non-finite loss or gradient, -1 if none
+  # float32 [2]: compensated (Kahan) sum over the steps taken of the forward FLOPs per
+  # example of the masks each step used, and its running error. Checkpointed, so
+  # training FLOPs survive a resume whatever happens to metrics.jsonl.
+  forward_flops_sum: jax.Array
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -115,6 +119,31 @@ def custom_from_run(c) -> dict[str, float]:
   return {f"^{re.escape(p)}$": 1.0 - d for p, d in summary["layer_densities"].items()}
 
 
+def warn_if_far_from_sparsity(c, params_shape) -> None:
+  """Warns when the kernels as a whole end up much denser than ``config.sparsity``
+  (uniform keeps the first layer dense, and an MLP's first layer holds most weights)."""
+  if c.method == "lottery" or c.distribution_source:
+    return
+  sparsities = rigl_jax.sparsity_distribution(
+      params_shape, c.sparsity, c.distribution, dense=list(c.dense_layers) or None,
+      custom=dict(c.custom_sparsity) or None,
+      uniform_first_layer_dense=c.uniform_first_layer_dense)
+  active = total = 0
+  for p, s in zip(jax.tree.leaves(params_shape), jax.tree.leaves(sparsities)):
+    if len(p.shape) >= 2:
+      size = int(np.prod(p.shape))
+      active, total = active + masks_lib.num_active(size, s), total + size
+  density = active / max(total, 1)
+  if density > (1.0 - c.sparsity) + 0.05:
+    logging.warning(
+        "config.sparsity=%s, but the kernels as a whole will be %.1f%% dense (%.1f%% "
+        "sparse): distribution=%r leaves some layers dense%s.", c.sparsity, 100 * density,
+        100 * (1 - density), c.distribution,
+        " (uniform keeps the first layer dense; --config.uniform_first_layer_dense=False "
+        "sparsifies it too)" if c.distribution == "uniform" and c.uniform_first_layer_dense
+        else "")
+
+
 def make_optimizer(c, *, total: int, lottery_masks=None) -> optax.GradientTransformation:
   """SGD (Nesterov) with kernel-only weight decay, wrapped for sparse training."""
   sgd = optax.inject_hyperparams(optax.sgd)(
@@ -142,6 +171,27 @@ def make_optimizer(c, *, total: int, lottery_masks=None) -> optax.GradientTransf
   )
 
 
+# ----------------------------------------------------------------------------- state
+
+
+def create_train_state(model, tx, sample, key, *, sparse: bool, params=None) -> TrainState:
+  """The state at step 0, built the same way by the trainer, export and the benchmarks
+  (call it under ``jax.jit`` or ``jax.eval_shape``): the model initialised from
+  ``key`` (``params`` replace its weights, as a lottery ticket's original ones do),
+  the optimizer state, and, for sparse methods, the params with the initial masks
+  applied."""
+  variables = model.init(key, sample, train=False)
+  params = variables["params"] if params is None else params
+  opt_state = tx.init(params)
+  if sparse:
+    params = rigl_jax.apply_masks(params, opt_state)
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=opt_state,
+                    rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+                    nonfinite_step=jnp.full([], -1, jnp.int32),
+                    forward_flops_sum=jnp.zeros([2], jnp.float32))
+
+
 # ----------------------------------------------------------------------------- steps
 
 
@@ -154,6 +204,14 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float):
 
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def kahan_add(total: jax.Array, value: jax.Array) -> jax.Array:
+  """``total`` = [sum, compensation] plus ``value``, compensated: float32 sums of
+  about 1e5 terms stay exact to float32 rounding (a plain sum would drift by ~1e-3)."""
+  y = value - total[1]
+  t = total[0] + y
+  return jnp.stack([t, (t - total[0]) - y])
 
 
 def make_train_step(model, tx, c, num_classes: int, lr_fn, costs):
@@ -182,22 +240,24 @@ def make_train_step(model, tx, c, num_classes: int, lr_fn, costs):
     # state; with "skip" training goes on with the next batch.
     healthy = state.nonfinite_step < 0
     accept = finite if skip_bad else finite & healthy
-    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                           opt_state=opt_state, rng=state.rng, nonfinite_step=state.nonfinite_step)
+    new_state = state._replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                               opt_state=opt_state)
     # The sparse schedule's step counter moves on with the global step, so a
     # skipped batch does not shift later mask updates.
     kept = state._replace(step=state.step + 1, opt_state=rigl_jax.skip_step(state.opt_state))
     new_state = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new_state, kept)
     first_bad = jnp.where(~finite & (state.nonfinite_step < 0), state.step, state.nonfinite_step)
-    new_state = new_state._replace(nonfinite_step=first_bad if not skip_bad else state.nonfinite_step)
+    # Every step computed its forward and backward pass, accepted or not.
+    step_flops = flops_lib.masked_forward_flops(
+        costs, rigl_jax.get_masks(state.opt_state) if sparse else {})
+    new_state = new_state._replace(
+        nonfinite_step=first_bad if not skip_bad else state.nonfinite_step,
+        forward_flops_sum=kahan_add(state.forward_flops_sum, step_flops))
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "learning_rate": lr,
         "nonfinite": (~finite).astype(jnp.int32),
-        # Forward FLOPs per example of the masks this step's forward pass used.
-        "forward_flops": (flops_lib.masked_forward_flops(costs, rigl_jax.get_masks(state.opt_state))
-                          if sparse else flops_lib.masked_forward_flops(costs, {})),
     }
     return new_state, metrics
 
@@ -315,9 +375,6 @@ class MetricsLog:
   def __init__(self, path: str, resume_step: int):
     self.path = path
     self.last = {}
-    # The last training line (with the FLOP counters) at or before the resumed step:
-    # an evaluation or event line may follow it at the same step.
-    self.last_train = {}
     lines = []
     if os.path.exists(path):
       # A damaged byte must not stop every rerun: such a line fails to parse and is dropped.
@@ -330,8 +387,6 @@ class MetricsLog:
           if record.get("step", math.inf) <= resume_step:
             lines.append(line if line.endswith("\n") else line + "\n")
             self.last = record
-            if "train_flops" in record:
-              self.last_train = record
       if jax.process_index() == 0:  # one writer when processes share the workdir
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -344,8 +399,6 @@ class MetricsLog:
     with open(self.path, "a") as f:
       f.write(json.dumps(_finite_or_null(record), sort_keys=True, allow_nan=False) + "\n")
     self.last = record
-    if "train_flops" in record:
-      self.last_train = record
 
 
 def _finite_or_null(value):
@@ -424,11 +477,23 @@ def load_lottery_source(c, params_shape):
 # ----------------------------------------------------------------------------- main loop
 
 
+# What the trainer writes in a workdir: name -> whether it is a directory.
+WORKDIR_ENTRIES = {"config.json": False, "metrics.jsonl": False, "summary.json": False,
+                   "checkpoints": True, "tensorboard": True, "initial_params": True,
+                   "final_masks": True}
+
+
 def setup(c: ml_collections.ConfigDict, workdir: str):
   """Validates the config and builds data, model and optimizer; writes nothing."""
   config_lib.validate(c, device_count=jax.device_count())
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise config_lib.ConfigError(f"workdir: {workdir!r} exists and is not a directory")
+  for name, is_dir in WORKDIR_ENTRIES.items():
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and os.path.isdir(path) != is_dir:
+      raise config_lib.ConfigError(
+          f"workdir: {path} must be a {'directory' if is_dir else 'file'}; move it away or "
+          f"use another workdir")
   try:
     pipeline = data_lib.get_pipeline(
         c.dataset, global_batch_size=c.batch_size, eval_batch_size=c.eval_batch_size,
@@ -479,6 +544,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       field = {"dense": "dense_layers", "custom": "custom_sparsity",
                "sparsity": "sparsity"}.get(str(e).split(":")[0], "model")
       raise config_lib.ConfigError(f"config.{field}: {e}") from None
+    warn_if_far_from_sparsity(c, params_shape)
   costs = flops_lib.model_costs(model, info.input_shape)
 
   os.makedirs(workdir, exist_ok=True)
@@ -486,17 +552,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     _write_json_atomic(os.path.join(workdir, "config.json"), _config_dict(c))
 
   def init_state():
-    variables = model.init(key, sample, train=False)
-    params = variables["params"]
-    if initial_params is not None:
-      params = initial_params["params"]
-    opt_state = tx.init(params)
-    if sparse:
-      params = rigl_jax.apply_masks(params, opt_state)
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=opt_state,
-                      rng=jax.random.key_data(jax.random.fold_in(key, 1)),
-                      nonfinite_step=jnp.full([], -1, jnp.int32))
+    return create_train_state(model, tx, sample, key, sparse=sparse,
+                              params=None if initial_params is None else initial_params["params"])
 
   state_shape = jax.eval_shape(init_state)
   state_target = jax.tree.map(
@@ -540,11 +597,20 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
             if jax.process_index() == 0 else None)
   f_dense = flops_lib.reference_dense_flops(c, info.num_classes, info.input_shape)
   flops_method = {"pruning_global": "pruning", "lottery": "static"}.get(c.method, c.method)
-  accumulator = flops_lib.FlopsAccumulator(costs)
-  train_flops = float(metrics_log.last_train.get("train_flops", 0.0)) if start_step else 0.0
-  if start_step and "flops_steps" in metrics_log.last_train:
-    accumulator.total = float(metrics_log.last_train["flops_total"])
-    accumulator.steps = int(metrics_log.last_train["flops_steps"])
+
+  def flops_so_far() -> tuple[float, float | None]:
+    """(training FLOPs, mean forward FLOPs per example) over the steps taken, from the
+    state. Every method's per-step cost is affine in the step's forward FLOPs, so the
+    total is the formula at the mean, times the steps and the batch."""
+    steps = int(jax.device_get(state.step))
+    if not steps:
+      return 0.0, None
+    total, compensation = (float(x) for x in np.asarray(jax.device_get(state.forward_flops_sum),
+                                                         np.float64))
+    f_mean = (total - compensation) / steps
+    per_example = flops_lib.train_flops_per_step(flops_method, f_dense, f_mean,
+                                                 update_every=c.update_every, f_final=f_mean)
+    return per_example * c.batch_size * steps, f_mean
   end = config_lib.end_step(c, total)
   drop_fn = schedules.make_drop_fraction_fn(c.drop_schedule, initial=c.drop_fraction,
                                             start_step=c.start_step, end_step=end)
@@ -552,16 +618,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   def masks_now():
     return _to_host(rigl_jax.get_masks(state.opt_state)) if sparse else None
 
-  def log(step: int, pending: list, interval_s: float, steps_done: int):
-    nonlocal train_flops
+  def log(step: int, pending: list, interval_s: float, steps_done: int, timed_steps: int):
     host = jax.device_get(pending)
     masks = masks_now()
-    step_flops = [float(m["forward_flops"]) for m in host]
-    accumulator.total += sum(step_flops)
-    accumulator.steps += len(step_flops)
-    train_flops += c.batch_size * sum(
-        flops_lib.train_flops_per_step(flops_method, f_dense, f, update_every=c.update_every,
-                                       f_final=f) for f in step_flops)
+    train_flops, _ = flops_so_far()
     record = {
         "step": step,
         "loss": float(np.mean([m["loss"] for m in host])),
@@ -571,10 +631,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                                                  "rigl_sg", "rigl_sm") else 0.0,
         "global_density": masks_lib.global_density(masks)
                           if sparse else 1.0,
-        "steps_per_s": steps_done / max(interval_s, 1e-9),
+        # Compilation (the process's first step) is left out of the rate.
+        "steps_per_s": timed_steps / max(interval_s, 1e-9) if timed_steps else None,
         "train_flops": train_flops,
-        "flops_total": accumulator.total,
-        "flops_steps": accumulator.steps,
         "nonfinite": int(sum(m["nonfinite"] for m in host)),
     }
     if sparse:  # per-kernel densities: they move under redistribution and pruning
@@ -585,10 +644,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     if events is not None:
       events.write(step, {k: v for k, v in record.items()
                           if k != "step" and isinstance(v, (int, float))})
-    eta = (total - step) / max(record["steps_per_s"], 1e-9)
-    logging.info("step %d/%d  loss %.4f  acc %.4f  lr %.4g  density %.4f  %.1f steps/s  "
-                 "eta %.0fs", step, total, record["loss"], record["accuracy"],
-                 record["learning_rate"], record["global_density"], record["steps_per_s"], eta)
+    rate = record["steps_per_s"]
+    speed = (f"{rate:.1f} steps/s  eta {(total - step) / max(rate, 1e-9):.0f}s" if rate
+             else "compiling")
+    logging.info("step %d/%d  loss %.4f  acc %.4f  lr %.4g  density %.4f  %s", step, total,
+                 record["loss"], record["accuracy"], record["learning_rate"],
+                 record["global_density"], speed)
     if record["nonfinite"] and c.on_nonfinite == "skip":
       logging.warning("Skipped %d batch(es) with a non-finite loss or gradient in steps "
                       "%d-%d.", record["nonfinite"], step - steps_done, step - 1)
@@ -608,27 +669,34 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
           f"--config.on_nonfinite=skip to skip such batches instead.")
 
   batches = pipeline.train_batches(start_step)
-  pending, interval_start, interval_steps = [], time.time(), 0
+  pending, interval_start, interval_steps, timed_steps = [], time.time(), 0, 0
   preempted = False
   with Preemption() as preemption:
     for step in range(start_step, total):
       state, metrics = train_step(state, to_global(next(batches)))
       pending.append(metrics)
       interval_steps += 1
+      if step == start_step:  # this step compiled the train step: time the ones after it
+        jax.block_until_ready(metrics)
+        interval_start = time.time()
+      else:
+        timed_steps += 1
       done = step + 1
       if done % c.log_every == 0 or done == total:
-        log(done, pending, time.time() - interval_start, interval_steps)
-        pending, interval_start, interval_steps = [], time.time(), 0
+        log(done, pending, time.time() - interval_start, interval_steps, timed_steps)
+        pending, interval_start, interval_steps, timed_steps = [], time.time(), 0, 0
         check_finite()
       if c.eval_every and done % c.eval_every == 0 and done != total and info.num_val:
         val = evaluate("val")
         metrics_log.write({"step": done, "val_accuracy": val["accuracy"], "val_loss": val["loss"]})
+        if not pending:  # evaluation time is not training time
+          interval_start = time.time()
       # Read once: a SIGTERM arriving after this point is handled after the next step.
       stop = preemption.check(done)
       if done % c.checkpoint_every == 0 or stop:
         if pending:  # the checkpoint's metrics line must be in the log before it
-          log(done, pending, time.time() - interval_start, interval_steps)
-          pending, interval_start, interval_steps = [], time.time(), 0
+          log(done, pending, time.time() - interval_start, interval_steps, timed_steps)
+          pending, interval_start, interval_steps, timed_steps = [], time.time(), 0, 0
         check_finite()
         ckpt.save(done, state, force=stop)
       if stop:
@@ -653,7 +721,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   val = evaluate("val") if info.num_val else {"accuracy": None, "loss": None}
   test = evaluate("test")
   f_final = flops_lib.forward_flops(costs, masks)
-  f_mean = accumulator.mean if accumulator.steps else f_final
+  train_flops, f_mean = flops_so_far()
+  f_mean = f_final if f_mean is None else f_mean
   train_mult, test_mult = flops_lib.multipliers(
       flops_method, f_dense, f_mean, update_every=c.update_every, f_final=f_final,
       train_scale=c.train_multiplier)

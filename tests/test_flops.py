@@ -218,13 +218,13 @@ def test_train_flops_formulas():
     flops.train_flops_per_step("rigl", fd)
 
 
-def test_flops_accumulator_averages_over_steps():
+def test_masked_forward_flops_is_forward_flops_of_the_masks_under_jit():
   costs, _ = _costs(OneDense(), (1, 4))
-  acc = flops.FlopsAccumulator(costs)
-  f1 = acc.add(None, steps=1)  # dense for one step
-  f2 = acc.add({"Dense_0/kernel": 0.5}, steps=3)
-  assert acc.steps == 4
-  assert acc.mean == pytest.approx((f1 + 3 * f2) / 4)
+  masks = {"Dense_0": {"kernel": jnp.arange(4 * 3).reshape(4, 3) % 2 == 0,
+                       "bias": jnp.ones(3, bool)}}
+  traced = jax.jit(lambda m: flops.masked_forward_flops(costs, m))(masks)
+  assert float(traced) == pytest.approx(flops.forward_flops(costs, masks))
+  assert float(flops.masked_forward_flops(costs, {})) == pytest.approx(flops.forward_flops(costs))
 
 
 @pytest.mark.parametrize("test_mult, train_mult, method", [

@@ -175,7 +175,7 @@ def test_sweep_and_report_command_lines_with_stub_trainer(tmp_path, stub):
                          f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   table = open(os.path.join(out, "table.md")).read()
-  assert "| SET (ERK) | 50.00 ± 0.00 (n=1; 1 failed) |" in table
+  assert "| SET (ERK) | 50.00 (n=1; 1 failed) |" in table
   assert "| method=rigl,seed=13 | failed | exit 3: RuntimeError: boom |" in table
 
 

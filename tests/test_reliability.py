@@ -583,6 +583,21 @@ def test_every_field_has_a_bad_value_above():
 def test_rerun_gives_identical_numbers(reference, tmp_path):
   # No compilation cache: both runs compile from scratch.
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  rc, log = run(tmp_path / "again", env=env)
+  rc, log = run(tmp_path / "again", "--compilation_cache_dir=", env=env)
   assert rc == 0, log[-3000:]
   assert_same_run(reference, tmp_path / "again")
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "summary.json", "checkpoints", "config.json"])
+def test_sabotaged_workdir_entry_is_one_error_line(tmp_path, name):
+  workdir = tmp_path / "wd"
+  os.makedirs(workdir)
+  if name == "checkpoints":
+    (workdir / name).write_text("not a directory")
+  else:
+    os.makedirs(workdir / name)
+  rc, log = run(workdir, "--config.num_train_steps=5", env=dict(os.environ))
+  assert rc == 2, log[-2000:]
+  assert "Traceback" not in log
+  [line] = error_lines(log)
+  assert line.startswith(f"error: workdir: {workdir / name} must be a ")

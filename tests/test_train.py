@@ -290,3 +290,53 @@ def test_pruning_train_flops_are_the_mean_over_every_step(tmp_path, method):
   assert summary["train_flops_multiplier"] == pytest.approx(formula["train_multiplier"],
                                                             rel=1e-5)
   assert formula["train_multiplier"] > 2 * summary["test_flops_multiplier"]
+
+
+def test_compilation_cache_on_by_default_and_results_unchanged(tmp_path):
+  cache = tmp_path / "cache"
+  args = ("--config.num_train_steps=50", f"--compilation_cache_dir={cache}")
+  env = {"JAX_COMPILATION_CACHE_DIR": ""}  # the flag, not a cache set in the environment
+  first = run_main(tmp_path / "a", *args, env=env)
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert any(name.startswith("jit_train_step") for name in os.listdir(cache))
+  second = run_main(tmp_path / "b", *args, env=env)  # compiled programs come from the cache
+  assert second.returncode == 0, second.stderr[-2000:]
+  crc = [json.load(open(tmp_path / w / "summary.json"))["state_crc32"] for w in ("a", "b")]
+  assert crc[0] == crc[1]
+
+
+def test_steps_per_s_leaves_out_the_compiling_step(tmp_path):
+  train.train_and_evaluate(small_config(num_train_steps=4, log_every=1), str(tmp_path))
+  rates = [json.loads(l)["steps_per_s"] for l in open(tmp_path / "metrics.jsonl")]
+  assert rates[0] is None  # step 1 compiled the train step: no rate to report
+  assert all(r is not None and r > 0 for r in rates[1:])
+
+
+def test_uniform_with_a_dense_first_layer_warns_about_the_real_density(tmp_path, caplog):
+  import logging  # pylint: disable=import-outside-toplevel
+  with caplog.at_level(logging.WARNING):
+    summary = train.train_and_evaluate(
+        small_config(distribution="uniform", sparsity=0.9, num_train_steps=2),
+        str(tmp_path / "uniform"))
+  warnings = [r.getMessage() for r in caplog.records if "will be" in r.getMessage()]
+  assert len(warnings) == 1 and "uniform_first_layer_dense=False" in warnings[0]
+  assert f"{100 * summary['global_density']:.1f}% dense" in warnings[0]  # LeNet: fc1 dense
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(small_config(distribution="erk", sparsity=0.9, num_train_steps=2),
+                             str(tmp_path / "erk"))
+  assert not [r for r in caplog.records if "will be" in r.getMessage()]
+
+
+def test_training_flops_come_from_the_checkpoint_not_the_log(tmp_path):
+  """A resume after metrics.jsonl was deleted still counts the steps before it."""
+  c = dict(method="pruning", sparsity=0.8, num_train_steps=40, end_step=30,
+           checkpoint_every=20, log_every=10)
+  whole = train.train_and_evaluate(small_config(**c), str(tmp_path / "whole"))
+  train.train_and_evaluate(small_config(**dict(c, num_train_steps=20)), str(tmp_path / "cut"))
+  os.remove(tmp_path / "cut" / "metrics.jsonl")
+  resumed = train.train_and_evaluate(small_config(**dict(c, overwrite=True)),
+                                     str(tmp_path / "cut"))
+  assert resumed["state_crc32"] == whole["state_crc32"]
+  assert resumed["train_flops"] == whole["train_flops"]
+  assert resumed["train_flops_multiplier"] == whole["train_flops_multiplier"]
