@@ -77,24 +77,46 @@ def _unknown_override(argv) -> str | None:
   return None
 
 
+def _config_file(argv) -> str:
+  """The --config flag's value as given (file path and its ':args')."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "?"
+
+
+def _last_line(text: str) -> str:
+  """The exception line that ends a traceback quoted in ``text``."""
+  match = re.findall(r"(\w+(?:Error|Exception)\b: .*?)(?=$| File \")", " ".join(text.split()))
+  return match[-1] if match else " ".join(text.split())[-300:]
+
+
 def parse_flags(argv):
   """absl's parser, with every bad flag turned into one ``error: ...`` line and exit 2."""
   try:
     return FLAGS(argv)
+  except SystemExit:
+    raise
   except flags.Error as e:  # a value of the wrong type, a missing flag, a bad config file
     match = re.match(r"flag --config\.([\w.]+)=.*?: (.*)", str(e), re.S)
     if match:
       _fail(f"config.{match.group(1)}: {match.group(2)}", EXIT_BAD_INPUT)
+    if "Error whilst parsing config file" in str(e):  # its text embeds a traceback
+      _fail(f"flags: --config: {_config_file(argv)}: {_last_line(str(e))}", EXIT_BAD_INPUT)
     _fail(f"flags: {e}", EXIT_BAD_INPUT)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing key
     key = _unknown_override(argv)
     if key is None:
-      raise
+      _fail(f"flags: --config: {_config_file(argv)}: {type(e).__name__}: {e}", EXIT_BAD_INPUT)
     from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
     close = [] if "." in key else difflib.get_close_matches(key, list(config_lib.base_config()), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     _fail(f"config.{key}: unknown field ({hint}overrides cannot add fields; see "
           f"rigl_jax/config.py)", EXIT_BAD_INPUT)
+  except Exception as e:  # pylint: disable=broad-except  # a config file that fails to load
+    _fail(f"flags: --config: {_config_file(argv)}: {type(e).__name__}: {e}", EXIT_BAD_INPUT)
 
 
 def _initialize_distributed(jax):

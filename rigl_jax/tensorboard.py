@@ -7,6 +7,7 @@ TensorFlow (tens of seconds of start-up) into every run.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import struct
@@ -59,11 +60,18 @@ def _length_delimited(number: int, payload: bytes) -> bytes:
   return _field(number, 2, _varint(len(payload)) + payload)
 
 
-def _event(step: int, *, file_version: str | None = None, scalars=None) -> bytes:
-  # Event: wall_time=1 (double), step=2 (int64), file_version=3, summary=5.
+SESSION_START = 1  # SessionLog.SessionStatus.START
+_WRITERS = itertools.count()
+
+
+def _event(step: int, *, file_version: str | None = None, scalars=None,
+           session_status: int | None = None) -> bytes:
+  # Event: wall_time=1 (double), step=2 (int64), file_version=3, summary=5, session_log=7.
   out = _field(1, 1, struct.pack("<d", time.time())) + _field(2, 0, _varint(step))
   if file_version is not None:
     out += _length_delimited(3, file_version.encode())
+  if session_status is not None:  # SessionLog: status=1 (enum)
+    out += _length_delimited(7, _field(1, 0, _varint(session_status)))
   if scalars:
     # Summary.value=1 -> Value: tag=1 (string), simple_value=2 (float).
     values = b"".join(
@@ -81,14 +89,23 @@ def _record(data: bytes) -> bytes:
 
 
 class ScalarWriter:
-  """Appends scalar summaries to ``logdir/events.out.tfevents.*``."""
+  """Appends scalar summaries to ``logdir/events.out.tfevents.*``.
 
-  def __init__(self, logdir: str):
+  A writer started at ``start_step > 0`` (a resumed run) first writes a SessionLog
+  START at that step: TensorBoard then drops the points at or after it that an
+  earlier, interrupted process wrote, so a resumed run shows no stale points.
+  """
+
+  def __init__(self, logdir: str, start_step: int = 0):
     os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    # Unique per writer, even for two writers of one process in the same second.
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}."
+            f"{next(_WRITERS)}")
     self.path = os.path.join(logdir, name)
     with open(self.path, "ab") as f:
       f.write(_record(_event(0, file_version="brain.Event:2")))
+      if start_step > 0:
+        f.write(_record(_event(int(start_step), session_status=SESSION_START)))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     with open(self.path, "ab") as f:

@@ -477,6 +477,28 @@ def load_lottery_source(c, params_shape):
 # ----------------------------------------------------------------------------- main loop
 
 
+def check_workdir_path(workdir: str) -> None:
+  """Refuses a workdir that cannot be created, before any directory is made (a
+  failed ``os.makedirs`` would leave its parents behind)."""
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  try:
+    name_max = os.pathconf(existing, "PC_NAME_MAX")
+  except (OSError, ValueError):
+    name_max = 255
+  for part in path.split(os.sep):
+    if len(os.fsencode(part)) > name_max:
+      raise config_lib.ConfigError(
+          f"workdir: the path component {part[:32]!r}... is {len(os.fsencode(part))} bytes "
+          f"long; this file system allows {name_max}")
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    if existing != path:
+      raise config_lib.ConfigError(f"workdir: cannot create {workdir!r}: {existing!r} is not "
+                                   f"a writable directory")
+
+
 # What the trainer writes in a workdir: name -> whether it is a directory.
 WORKDIR_ENTRIES = {"config.json": False, "metrics.jsonl": False, "summary.json": False,
                    "checkpoints": True, "tensorboard": True, "initial_params": True,
@@ -488,6 +510,7 @@ def setup(c: ml_collections.ConfigDict, workdir: str):
   config_lib.validate(c, device_count=jax.device_count())
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise config_lib.ConfigError(f"workdir: {workdir!r} exists and is not a directory")
+  check_workdir_path(workdir)
   for name, is_dir in WORKDIR_ENTRIES.items():
     path = os.path.join(workdir, name)
     if os.path.exists(path) and os.path.isdir(path) != is_dir:
@@ -547,7 +570,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     warn_if_far_from_sparsity(c, params_shape)
   costs = flops_lib.model_costs(model, info.input_shape)
 
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise config_lib.ConfigError(f"workdir: cannot create {workdir!r}: {e.strerror}") from None
   if jax.process_index() == 0:
     _write_json_atomic(os.path.join(workdir, "config.json"), _config_dict(c))
 
@@ -593,8 +619,13 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n}
 
   metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
-  events = (tensorboard.ScalarWriter(os.path.join(workdir, "tensorboard"))
+  events = (tensorboard.ScalarWriter(os.path.join(workdir, "tensorboard"), start_step)
             if jax.process_index() == 0 else None)
+
+  def write_events(step: int, scalars: dict) -> None:
+    if events is not None:
+      events.write(step, {k: v for k, v in scalars.items()
+                          if isinstance(v, (int, float)) and math.isfinite(v)})
   f_dense = flops_lib.reference_dense_flops(c, info.num_classes, info.input_shape)
   flops_method = {"pruning_global": "pruning", "lottery": "static"}.get(c.method, c.method)
 
@@ -641,9 +672,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
           k: v for (k, v), m in zip(masks_lib.layer_densities(masks).items(),
                                     jax.tree.leaves(masks)) if m.ndim >= 2}
     metrics_log.write(record)
-    if events is not None:
-      events.write(step, {k: v for k, v in record.items()
-                          if k != "step" and isinstance(v, (int, float))})
+    write_events(step, {k: v for k, v in record.items() if k != "step"})
+    write_events(step, {f"density/{k}": v for k, v in record.get("layer_densities", {}).items()})
     rate = record["steps_per_s"]
     speed = (f"{rate:.1f} steps/s  eta {(total - step) / max(rate, 1e-9):.0f}s" if rate
              else "compiling")
@@ -689,6 +719,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       if c.eval_every and done % c.eval_every == 0 and done != total and info.num_val:
         val = evaluate("val")
         metrics_log.write({"step": done, "val_accuracy": val["accuracy"], "val_loss": val["loss"]})
+        write_events(done, {"val/accuracy": val["accuracy"], "val/loss": val["loss"]})
         if not pending:  # evaluation time is not training time
           interval_start = time.time()
       # Read once: a SIGTERM arriving after this point is handled after the next step.
@@ -720,6 +751,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     _save_tree(os.path.join(workdir, "final_masks"), masks)
   val = evaluate("val") if info.num_val else {"accuracy": None, "loss": None}
   test = evaluate("test")
+  write_events(total, {"val/accuracy": val["accuracy"], "val/loss": val["loss"],
+                       "test/accuracy": test["accuracy"], "test/loss": test["loss"]})
   f_final = flops_lib.forward_flops(costs, masks)
   train_flops, f_mean = flops_so_far()
   f_mean = f_final if f_mean is None else f_mean

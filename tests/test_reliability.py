@@ -601,3 +601,42 @@ def test_sabotaged_workdir_entry_is_one_error_line(tmp_path, name):
   assert "Traceback" not in log
   [line] = error_lines(log)
   assert line.startswith(f"error: workdir: {workdir / name} must be a ")
+
+
+CONFIG_FILES = {  # name: (file text, --config suffix, expected message after the path)
+    "raises": ("def get_config():\n  raise RuntimeError('boom')\n", "", "RuntimeError: boom"),
+    "syntax error": ("def get_config(:\n", "", "SyntaxError: invalid syntax"),
+    "no get_config": ("x = 1\n", "", "AttributeError: module"),
+    "argument it does not take": ("from rigl_jax import config\n"
+                                  "def get_config():\n  return config.base_config()\n",
+                                  ":foo", "TypeError: get_config() takes 0 positional"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIG_FILES))
+def test_broken_config_file_is_one_error_line(tmp_path, name):
+  text, suffix, expected = CONFIG_FILES[name]
+  path = tmp_path / "broken_config.py"
+  path.write_text(text)
+  workdir = tmp_path / "wd"
+  proc = subprocess.run([sys.executable, "-m", "rigl_jax.main", f"--config={path}{suffix}",
+                         f"--workdir={workdir}"], capture_output=True, text=True, timeout=120)
+  log = proc.stdout + proc.stderr
+  assert proc.returncode == 2, log[-2000:]
+  assert "Traceback" not in log
+  [line] = error_lines(log)
+  assert line.startswith(f"error: flags: --config: {path}{suffix}: {expected}"), line
+  assert not workdir.exists()
+
+
+def test_workdir_that_cannot_be_made_is_one_error_line_and_makes_nothing(tmp_path):
+  workdir = tmp_path / "a" / "b" / ("x" * 300) / "c"
+  proc = subprocess.run([sys.executable, "-m", "rigl_jax.main",
+                         f"--config={REPO}/configs/quickstart.py", f"--workdir={workdir}",
+                         "--config.num_train_steps=3"], capture_output=True, text=True,
+                        timeout=300)
+  log = proc.stdout + proc.stderr
+  assert proc.returncode == 2, log[-2000:]
+  [line] = error_lines(log)
+  assert line.startswith("error: workdir: the path component 'xxx") and "Traceback" not in log
+  assert not (tmp_path / "a").exists()

@@ -13,16 +13,40 @@ def test_crc32c_known_value():
   assert tensorboard.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 
 
-def test_trainer_events_readable_by_tensorflow(tmp_path):
-  tf = pytest.importorskip("tensorflow")
-  train.train_and_evaluate(small_config(num_train_steps=20), str(tmp_path))
-  files = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
-  assert len(files) == 1
-  seen = {}
-  for record in tf.data.TFRecordDataset(files[0]):  # checks every record's CRCs
+def read_scalars(tf, path):
+  seen, starts = {}, []
+  for record in tf.data.TFRecordDataset(path):  # checks every record's CRCs
     event = tf.compat.v1.Event.FromString(record.numpy())
+    if event.HasField("session_log"):
+      starts.append((event.step, event.session_log.status))
     for value in event.summary.value:
       seen.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return seen, starts
+
+
+def test_trainer_events_readable_by_tensorflow(tmp_path):
+  tf = pytest.importorskip("tensorflow")
+  train.train_and_evaluate(small_config(num_train_steps=20, eval_every=10), str(tmp_path))
+  files = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  assert len(files) == 1
+  seen, starts = read_scalars(tf, files[0])
+  assert not starts  # a fresh run purges nothing
   assert [step for step, _ in seen["loss"]] == [10, 20]
   assert seen["learning_rate"][0][1] == pytest.approx(0.1)
   assert 0.0 < seen["global_density"][0][1] < 0.2
+  # Validation during training and at the end, test at the end, per-layer densities.
+  assert [step for step, _ in seen["val/accuracy"]] == [10, 20]
+  assert [step for step, _ in seen["test/accuracy"]] == [20]
+  assert seen["density/fc1/kernel"][0][1] < 0.2 and "density/fc1/bias" not in seen
+  assert "flops_total" not in seen and "flops_steps" not in seen
+
+
+def test_resumed_run_purges_points_from_its_resume_step(tmp_path):
+  tf = pytest.importorskip("tensorflow")
+  c = dict(num_train_steps=20, checkpoint_every=10)
+  train.train_and_evaluate(small_config(**dict(c, num_train_steps=10)), str(tmp_path))
+  train.train_and_evaluate(small_config(**dict(c, overwrite=True)), str(tmp_path))
+  files = sorted(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*")))
+  assert len(files) == 2
+  _, starts = read_scalars(tf, files[-1])
+  assert starts == [(10, tf.compat.v1.SessionLog.START)]
