@@ -30,8 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field the trainer reads, with the defaults of the report's CIFAR runs."""
   c = ml_collections.ConfigDict()
   # What to train.
-  c.model = "lenet_300_100"
-  c.dataset = "mnist5k"
+  c.model = "lenet_300_100"       # rigl_jax.models.MODEL_NAMES
+  c.dataset = "mnist5k"           # rigl_jax.data.DATASET_NAMES
   c.data_dir = ""                 # tfds data_dir ("" = tfds default)
   c.validation_size = -1          # -1: the dataset's default; 0: no validation split
   c.dtype = "float32"             # compute dtype: float32 or bfloat16
@@ -77,6 +77,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.overwrite = False             # allow a workdir holding a different config
   return c
+
+
+# Allowed values of the choice fields that this module knows without importing JAX
+# (a bad model, dataset or augmentation gets the allowed ones in its error).
+CHOICES = {"method": METHODS, "distribution": DISTRIBUTIONS, "drop_schedule": DROP_SCHEDULES,
+           "on_nonfinite": ON_NONFINITE}
+
+
+def describe_fields() -> str:
+  """Every config field with its default, meaning and allowed values (``--help``)."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  notes = {}
+  for line in inspect.getsource(base_config).splitlines():
+    match = re.match(r"\s*c\.(\w+) = .*?(?:#\s*(.*))?$", line)
+    if match:
+      notes[match.group(1)] = match.group(2) or ""
+  base = base_config()
+  lines = ["Config fields (override any with --config.FIELD=VALUE):"]
+  for key in notes:  # in the order base_config sets them
+    value = base[key].to_dict() if hasattr(base[key], "to_dict") else base[key]
+    text = f"  {key} = {value!r}"
+    extra = [notes.get(key, "")]
+    if key in CHOICES:
+      extra.append("one of " + ", ".join(CHOICES[key]))
+    extra = "; ".join(e for e in extra if e)
+    lines.append(f"{text:<44} {extra}" if extra else text)
+  return "\n".join(lines)
 
 
 def _require(cond: bool, field: str, message: str):

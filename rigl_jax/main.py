@@ -12,6 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from rigl_jax import config as _config_lib
+
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() first: multi-process runs (pods, clusters, "
@@ -38,6 +40,8 @@ config_flags.DEFINE_config_file("config", None, "A config file from configs/.",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+# absl prints the main module's docstring for --help: list the config fields there.
+__doc__ += "\n" + _config_lib.describe_fields() + "\n"  # pylint: disable=redefined-builtin
 
 
 class _QuietLibraries:

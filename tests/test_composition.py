@@ -33,7 +33,7 @@ def mlp_params():
 # ----------------------------------------------------------------------------- sharding
 
 
-@pytest.mark.parametrize("devices", [2, 4])
+@pytest.mark.parametrize("devices", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_sharded_params_on_explicit_and_auto_meshes(devices):
   """Model-parallel, FSDP-style (and on 4 devices both) layouts, Explicit and Auto
   axes, four methods: masks and momentum come out sharded like the params, and every
@@ -176,7 +176,12 @@ def test_main_help_does_not_import_jax():
   imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
               if line.startswith("import time:")}
   assert "jax" not in imported and "flax" not in imported
-  assert "--workdir" in result.stdout + result.stderr
+  text = result.stdout + result.stderr
+  assert "--workdir" in text
+  from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  for field in config_lib.base_config():  # every config field, with allowed values
+    assert f"  {field} = " in text, field
+  assert "one of dense, small_dense, static, set, rigl" in text
 
 
 def test_launch_tools_live_in_the_package():

@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+pytestmark = pytest.mark.slow  # several processes each: run with --run-slow (CI does)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ("--config.num_train_steps=60", "--config.checkpoint_every=20", "--config.log_every=20",
         "--config.update_every=20")

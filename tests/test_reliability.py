@@ -145,6 +145,7 @@ def reference(tmp_path_factory, cache_env):
 # ----------------------------------------------------------------------------- SIGKILL
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_resumes_bit_identical(reference, tmp_path, cache_env):
   rng = random.Random(7)
   workdir = tmp_path / "killed"

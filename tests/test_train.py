@@ -95,6 +95,7 @@ def test_cifar10_mock_data(tmp_path):
   assert summary["layer_densities"]["conv1/kernel"] < 1.0
 
 
+@pytest.mark.slow
 def test_wrn_dropout_in_training_and_exact_resume(tmp_path):
   """WRN-22-2 trains with dropout 0.3 drawn from (seed, step) under the trainer's
   mesh: a run resumed from its step-2 checkpoint ends bit-identical to an
@@ -118,6 +119,7 @@ def test_same_seed_same_numbers(tmp_path):
     assert a[key] == b[key]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_exact(tmp_path):
   args = ("--config.num_train_steps=300", "--config.checkpoint_every=50", "--config.log_every=50")
   ref = run_main(tmp_path / "ref", *args)
