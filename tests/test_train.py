@@ -150,7 +150,7 @@ def test_kill_and_resume_is_exact(tmp_path):
   assert steps == sorted(set(steps))  # no duplicated lines after the resume
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_saves_and_exits_zero(tmp_path, signum):
   """SIGTERM and a first Ctrl-C both save the step just finished and exit 0."""
   proc = run_main(tmp_path, "--config.num_train_steps=100000", "--config.log_every=50",
@@ -342,3 +342,15 @@ def test_training_flops_come_from_the_checkpoint_not_the_log(tmp_path):
   assert resumed["state_crc32"] == whole["state_crc32"]
   assert resumed["train_flops"] == whole["train_flops"]
   assert resumed["train_flops_multiplier"] == whole["train_flops_multiplier"]
+
+
+def test_first_ctrl_c_requests_a_save_and_the_second_stops_at_once():
+  with train.Preemption() as preemption:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+    assert preemption.requested  # the loop saves after this step and exits 0
+    with pytest.raises(KeyboardInterrupt):  # main turns it into one error line, exit 130
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)
+  # The handlers are restored afterwards.
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
