@@ -49,7 +49,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -58,7 +57,6 @@ from rigl_jax import data as data_lib
 from rigl_jax import models
 from rigl_jax import flops as flops_lib
 from rigl_jax import train as train_lib
-import rigl_jax
 
 BATCH = 128
 MOCK_EXAMPLES = 2560      # cifar10 mock: train examples (minus the validation below)
