@@ -8,7 +8,7 @@ Usage:
 For each model and sparsity it trains the quickstart config (mnist5k, RigL,
 ERK) into ``--root/<model>_<sparsity>`` with `rigl_jax.train.train_and_evaluate`
 (a finished run there is reused: it only re-evaluates), exports it with
-`rigl_jax.export`, and reports, from `rigl_jax.export.evaluate_export`:
+`rigl_jax.export` (whose `verify_export` checks the predictions), and reports:
 
 * the file size against the same params saved densely (``size_ratio``: plain
   ``.npz``; ``vs deflated``: ``np.savez_compressed``, which already squeezes
@@ -30,9 +30,14 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import sys
+import tempfile
+import time
+from typing import Callable
 
 import jax
+import numpy as np
 
 from rigl_jax import export, train
 
@@ -62,8 +67,87 @@ def quickstart_config(model: str, sparsity: float, steps: int | None):
   return c
 
 
+def _dir_bytes(path: str) -> int:
+  """Total size of the files under ``path``."""
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
+
+
+def dense_reference_sizes(variables: dict) -> dict[str, int]:
+  """Bytes of the same (dense, masked) variables saved densely: as a deflated ``.npz``
+  (np.savez_compressed, the export's own container, which already squeezes zeros) and
+  as an orbax checkpoint (params and BN statistics only, no optimizer state)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  arrays = {f"{jax.tree_util.keystr(path)}:dense": np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  with tempfile.TemporaryDirectory() as tmp:
+    file = os.path.join(tmp, "dense.npz")
+    np.savez_compressed(file, **arrays)
+    sizes = {"dense_npz_deflated_bytes": os.path.getsize(file)}
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, "orbax"), variables)
+    sizes["dense_orbax_bytes"] = _dir_bytes(os.path.join(tmp, "orbax"))
+  return sizes
+
+
+def interleaved_latency_ms(fns: dict[str, Callable], x, repeats: int) -> dict[str, dict]:
+  """Wall time (ms) of each warm function on ``x``: ``{name: {"median", "min"}}``.
+
+  Each repetition calls every function once, the order reversed on odd
+  repetitions, so that load from other processes hits all of them alike. The
+  median is the figure to quote; the minimum is the best case, a steadier
+  estimate of the uncontended cost on a shared machine.
+  """
+  x = jax.device_put(x)
+  for fn in fns.values():  # compile and warm up
+    for _ in range(3):
+      jax.block_until_ready(fn(x))
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  names = list(fns)
+  for r in range(repeats):
+    for name in names if r % 2 == 0 else names[::-1]:
+      start = time.perf_counter()
+      jax.block_until_ready(fns[name](x))
+      times[name].append(time.perf_counter() - start)
+  return {name: {"median": 1e3 * statistics.median(t), "min": 1e3 * min(t)}
+          for name, t in times.items()}
+
+
+def measure_export(run, out_dir: str, *, conv: str = "dense", batch_sizes=(1, 128),
+                   repeats: dict | None = None) -> dict:
+  """`rigl_jax.export.verify_export`'s report plus the dense size comparisons and the
+  interleaved median (and minimum) latencies of the sparse and the dense model per
+  batch size. ``repeats``: timed calls per batch size (default 200 at 1, 40 above)."""
+  report = export.verify_export(run, out_dir, conv=conv)
+  exported = export.load_exported(out_dir, conv=conv)
+  sizes = dense_reference_sizes(export.masked_reference(run))
+  ckpt_dir = os.path.join(run.workdir, "checkpoints", str(run.step))
+  sizes["checkpoint_dir_bytes"] = _dir_bytes(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+  images, _ = export.check_batch(run)
+  repeats = repeats or {}
+  latency = {"sparse": {}, "dense": {}}
+  latency_min = {"sparse": {}, "dense": {}}
+  for b in batch_sizes:
+    x = np.resize(images, (b,) + images.shape[1:])
+    ms = interleaved_latency_ms({"sparse": exported.model_fn, "dense": exported.dense_fn}, x,
+                                repeats.get(b, 200 if b == 1 else 40))
+    for name in latency:
+      latency[name][str(b)] = round(ms[name]["median"], 4)
+      latency_min[name][str(b)] = round(ms[name]["min"], 4)
+  file_bytes = report["file_bytes"]
+  return {
+      **report, **sizes,
+      "size_ratio_vs_dense_npz_deflated": file_bytes / sizes["dense_npz_deflated_bytes"],
+      "size_ratio_vs_dense_orbax": file_bytes / sizes["dense_orbax_bytes"],
+      "size_ratio_vs_checkpoint_dir": (file_bytes / sizes["checkpoint_dir_bytes"]
+                                       if sizes["checkpoint_dir_bytes"] else None),
+      "latency_ms": latency, "latency_min_ms": latency_min,
+      "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
+  }
+
+
 def row(report: dict, sparsity: float) -> dict:
-  """The table's numbers from one `evaluate_export` report."""
+  """The table's numbers from one `measure_export` report."""
   lat, best = report["latency_ms"], report["latency_min_ms"]
   return {
       "model": report["model"], "sparsity": sparsity, "conv": report["conv"],
@@ -120,7 +204,7 @@ def main():
       out_dir = os.path.join(workdir, "export")
       export.export_run(run, out_dir)
       for conv in ("dense", "sparse") if model == "lenet5" else ("dense",):
-        report = export.evaluate_export(
+        report = measure_export(
             run, out_dir, conv=conv,
             repeats={1: args.repeats, 128: max(args.repeats // 10, 10)})
         rows.append(row(report, sparsity))

@@ -36,7 +36,6 @@ from __future__ import annotations
 import table  # benchmarks/table.py (the script's folder is on sys.path)
 
 import argparse
-import os
 import platform
 import sys
 import time

@@ -14,13 +14,14 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DISTRIBUTIONS": "distributions", "sparsity_distribution": "distributions",
     "global_density": "masks", "layer_densities": "masks", "random_masks": "masks",
-    "sparsifiable": "masks",
+    "sparsifiable": "masks", "ArgumentError": "masks",
     "METHODS": "methods", "Method": "methods", "UpdateContext": "methods",
     "get_method": "methods", "redistribute_counts": "methods",
     "SparseTrainingState": "transform", "apply_masks": "transform", "find_state": "transform",
     "get_masks": "transform", "skip_step": "transform", "sparse_training": "transform",
 }
-_SUBMODULES = ("distributions", "masks", "methods", "schedules", "selection", "transform")
+_SUBMODULES = ("distributions", "masks", "methods", "names", "schedules", "selection",
+               "transform")
 
 __all__ = sorted(_EXPORTS)
 

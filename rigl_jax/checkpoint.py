@@ -24,7 +24,8 @@ job that may be SIGKILLed at any moment needs:
   logs a warning naming each unusable step, and returns the newest good one.
   The bad newer steps are moved to ``<directory>/quarantine/`` so that the
   resumed run can save those step numbers again (orbax refuses to save a step
-  that exists or is older than the latest one).
+  that exists or is older than the latest one). A step that cannot be moved
+  there is renamed in place, or, failing that, left where it is with a warning.
 
 Example::
 
@@ -48,6 +49,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
+import shutil
 import time
 import zlib
 from typing import Any
@@ -76,6 +79,33 @@ QUARANTINE_DIR = "quarantine"
 
 class CheckpointRestoreError(RuntimeError):
   """Checkpoints exist, but none of them could be restored and verified."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A step could not be written (disk full, no permission, ...). The steps saved
+  before it are intact: orbax commits a step by renaming its temporary folder."""
+
+
+def _dir_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
+
+
+def _save_failure(directory, e: BaseException) -> str:
+  """One line on why a save failed: the OS error and the file, when the text has them
+  (tensorstore reports a full disk as a ValueError whose text holds both)."""
+  text = " ".join(str(e).split())
+  reason = re.search(r"Failed to write \d+ bytes to file \d+: ([^\[]+?)\s*(?:\[|$)", text)
+  target = re.search(r'Failed writing: "([^"]+)"', text)
+  if isinstance(e, OSError) and e.strerror:
+    reason_text, path = e.strerror, e.filename
+  elif reason:
+    reason_text, path = reason.group(1), target.group(1) if target else None
+  else:
+    reason_text, path = f"{type(e).__name__}: {text[:300]}", None
+  where = f" (writing {path})" if path else ""
+  return (f"cannot save a checkpoint in {directory}: {reason_text}{where}; the steps saved "
+          f"before are intact")
 
 
 class _BadCheckpoint(Exception):
@@ -286,14 +316,37 @@ class Checkpointer:
       return False
     if not force and not self._manager.should_save(step):
       return False
+    self._check_space(step)
     manifest = _manifest(state, self._verify_checksums)
-    return bool(
-        self._manager.save(
-            step,
-            args=ocp.args.StandardSave(state),
-            force=force,
-            custom_metadata={_MANIFEST_KEY: manifest},
-        ))
+    try:
+      return bool(
+          self._manager.save(
+              step,
+              args=ocp.args.StandardSave(state),
+              force=force,
+              custom_metadata={_MANIFEST_KEY: manifest},
+          ))
+    except Exception as e:  # pylint: disable=broad-except  # this one or the previous async one
+      raise CheckpointSaveError(_save_failure(self._directory, e)) from e
+
+  def _check_space(self, step: int) -> None:
+    """Refuses to start a save that would not fit: the newest saved step's size on
+    disk must be free. A write that fails halfway (a full disk) leaves orbax's
+    background threads printing tracebacks; this check avoids it in the usual case."""
+    directory = str(self._directory)
+    latest = self._manager.latest_step()
+    if "://" in directory or latest is None:
+      return
+    try:
+      needed = _dir_bytes(os.path.join(directory, str(latest)))
+      free = shutil.disk_usage(directory).free
+    except OSError:
+      return
+    if free < needed:
+      raise CheckpointSaveError(
+          f"cannot save step {step} in {directory}: {free / 1e6:.1f} MB free, and a step "
+          f"takes about {needed / 1e6:.1f} MB (step {latest}); the steps saved before are "
+          f"intact. Free some space and rerun to resume")
 
   def restore_latest(self, target: PyTree) -> tuple[int, PyTree] | None:
     """Restores the newest step that reads back intact.
@@ -344,11 +397,17 @@ class Checkpointer:
 
   def wait_until_finished(self):
     """Blocks until a background save has committed."""
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(_save_failure(self._directory, e)) from e
 
   def close(self):
     """Waits for pending saves and releases orbax's threads."""
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(_save_failure(self._directory, e)) from e
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -380,13 +439,33 @@ class Checkpointer:
     return restored
 
   def _quarantine(self, steps: list[int]):
-    """Moves unusable steps out of orbax's sight, keeping them for a look."""
+    """Moves unusable steps out of orbax's sight, keeping them for a look.
+
+    A step folder the process may not write (another user's, or ``chmod 000``)
+    cannot move to another folder, but can be renamed in place; if even that
+    fails it stays, and is said so: it is skipped again on the next restore and
+    its step number is not saved again (the next interval's step is).
+    """
     if ocp.multihost.is_primary_host(0):
       qdir = self._directory / QUARANTINE_DIR
-      qdir.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        dest = qdir / f"{step}.{time.time_ns()}"
-        (self._directory / str(step)).rename(dest)
+        source = self._directory / str(step)
+        stamp = time.time_ns()
+        try:
+          qdir.mkdir(parents=True, exist_ok=True)
+          dest = qdir / f"{step}.{stamp}"
+          source.rename(dest)
+        except OSError as first:
+          # Same folder: no write permission on the step folder itself is needed.
+          dest = self._directory / f"{QUARANTINE_DIR}-{step}.{stamp}"
+          try:
+            source.rename(dest)
+          except OSError as second:
+            logger.warning(
+                "Cannot move bad checkpoint step %d out of the way (%s; %s); it stays in "
+                "%s and is skipped at every restore. Remove it to stop this warning.",
+                step, first, second, self._directory)
+            continue
         logger.warning("Moved bad checkpoint step %d to %s.", step, dest)
     ocp.multihost.sync_global_processes("rigl_jax_checkpoint_quarantine")
     self._manager.reload()

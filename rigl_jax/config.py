@@ -13,12 +13,16 @@ import re
 
 import ml_collections
 
+from rigl_jax import names
+
+# The trainer's methods: the core's, plus two dense baselines and the lottery ticket
+# (static training from the masks and initial weights of a finished pruning run).
 DENSE_METHODS = ("dense", "small_dense")
-SPARSE_METHODS = ("static", "set", "rigl", "snfs", "rigl_sg", "rigl_sm", "pruning",
-                  "pruning_global", "lottery")
+SPARSE_METHODS = names.METHOD_NAMES + ("lottery",)
 METHODS = DENSE_METHODS + SPARSE_METHODS
-DISTRIBUTIONS = ("uniform", "er", "erk")
+DISTRIBUTIONS = names.DISTRIBUTION_NAMES
 DROP_SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("sgd", "adam")
 ON_NONFINITE = ("stop", "skip")
 
 
@@ -37,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"             # compute dtype: float32 or bfloat16
   c.dropout_rate = -1.0           # -1: the model's reference rate (WRN-22-2 0.3, others none)
   c.augmentation = "default"      # train augmentation; "default": the report's per data set
+  c.sequence_length = 128         # text data sets: characters per training example
   # Sparse training.
   c.method = "rigl"
   c.distribution = "erk"
@@ -64,8 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.lr_drop_factor = 0.2
   c.warmup_epochs = 0.0
   c.warmup_steps = -1             # linear lr warm-up in steps (overrides warmup_epochs when >= 0)
+  c.optimizer = "sgd"             # sgd (momentum, nesterov) or adam (b1 = momentum, b2 = 0.999)
   c.momentum = 0.9
   c.nesterov = True
+  c.grad_clip_norm = 0.0          # clip gradients to this global norm; 0: no clipping
   c.weight_decay = 5e-4           # on kernels only
   c.label_smoothing = 0.0
   c.on_nonfinite = "stop"         # stop the run, or skip the batch
@@ -82,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
 # Allowed values of the choice fields that this module knows without importing JAX
 # (a bad model, dataset or augmentation gets the allowed ones in its error).
 CHOICES = {"method": METHODS, "distribution": DISTRIBUTIONS, "drop_schedule": DROP_SCHEDULES,
-           "on_nonfinite": ON_NONFINITE}
+           "on_nonfinite": ON_NONFINITE, "optimizer": OPTIMIZERS}
 
 
 def describe_fields() -> str:
@@ -148,8 +155,15 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
   _choice(c, "on_nonfinite", ON_NONFINITE)
   _choice(c, "dtype", ("float32", "bfloat16"))
   _choice(c, "augmentation", augment.AUGMENTATIONS)
-  _require(c.augmentation in ("default", "none") or len(data.INPUT_SPECS[c.dataset][0]) == 3
-           and c.dataset != "imagenet2012", "augmentation",
+  _choice(c, "optimizer", OPTIMIZERS)
+  text_data = c.dataset in data.text.TEXT_DATASETS
+  _require(text_data == (c.model in models.LANGUAGE_MODELS), "model",
+           f"{c.model!r} does not model dataset {c.dataset!r}: the language models "
+           f"({', '.join(models.LANGUAGE_MODELS)}) go with the text sets "
+           f"({', '.join(data.text.TEXT_DATASETS)}), the others with the image sets")
+  _require(c.augmentation in ("default", "none") or
+           len(data.input_spec(c.dataset, 1)[0]) == 3 and c.dataset != "imagenet2012",
+           "augmentation",
            f"{c.augmentation!r} is for the in-memory image sets; dataset {c.dataset!r} "
            f"allows 'default' or 'none'")
   rate = c.dropout_rate
@@ -165,6 +179,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
   _number_in(c, "lr_drop_factor", 0.0, 1.0)
   _number_in(c, "momentum", 0.0, 1.0, high_open=True)
   _number_in(c, "weight_decay", 0.0, 1.0)
+  _number_in(c, "grad_clip_norm", 0.0, math.inf, high_open=True)
   _number_in(c, "label_smoothing", 0.0, 1.0, high_open=True)
   _number_in(c, "learning_rate", 0.0, math.inf, high_open=True)
   _number_in(c, "warmup_epochs", 0.0, math.inf, high_open=True)
@@ -174,7 +189,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
                      ("num_epochs", 0), ("seed", 0), ("log_every", 1), ("eval_every", 0),
                      ("checkpoint_every", 1), ("keep_checkpoints", 1), ("start_step", 0),
                      ("end_step", -1), ("num_train_steps", -1), ("validation_size", -1),
-                     ("warmup_steps", -1)):
+                     ("warmup_steps", -1), ("sequence_length", 1)):
     _int_at_least(c, field, low)
   for field in ("nesterov", "skip_inner_update_on_mask_step", "overwrite",
                 "uniform_first_layer_dense"):
@@ -206,6 +221,9 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
            f"only method 'lottery' reads it, got method {c.method!r}")
   _require(not c.distribution_source or c.method not in DENSE_METHODS, "distribution_source",
            f"only sparse methods read it, got method {c.method!r}")
+  _require(not text_data or c.validation_size in (-1, 0), "validation_size",
+           f"the text sets have their own validation split: -1 (use it) or 0 (none), got "
+           f"{c.validation_size!r}")
   for field, size in (("batch_size", c.batch_size), ("eval_batch_size", c.eval_batch_size)):
     _require(size % device_count == 0, field,
              f"{size} is not divisible by the number of devices ({device_count})")

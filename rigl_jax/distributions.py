@@ -16,18 +16,23 @@ import jax
 import numpy as np
 
 from rigl_jax import masks as masks_lib
+from rigl_jax import names
+from rigl_jax.masks import ArgumentError
 
 PyTree = Any
-DISTRIBUTIONS = ("uniform", "er", "erk")
+DISTRIBUTIONS = names.DISTRIBUTION_NAMES
 
 
-def check_sparsity(value, name: str = "sparsity") -> float:
-  """A sparsity must be a number (not a string or a bool) in [0, 1)."""
+def check_sparsity(value, name: str = "sparsity", argument: str | None = None) -> float:
+  """A sparsity must be a number (not a string or a bool) in [0, 1).
+
+  ``argument``: the caller's argument the value came from (default ``name``)."""
+  argument = argument or name
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-    raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
+    raise ArgumentError(argument, f"{name} must be a number in [0, 1), got {value!r}.")
   value = float(value)
   if not 0.0 <= value < 1.0:
-    raise ValueError(f"{name} must be in [0, 1), got {value}.")
+    raise ArgumentError(argument, f"{name} must be in [0, 1), got {value}.")
   return value
 
 
@@ -35,7 +40,7 @@ def check_number(name: str, value, low: float, high: float) -> float:
   """A number (not a string or a bool) in [low, high]."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or \
       not low <= float(value) <= high:
-    raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}.")
+    raise ArgumentError(name, f"{name} must be a number in [{low}, {high}], got {value!r}.")
   return float(value)
 
 
@@ -113,10 +118,11 @@ def sparsity_distribution(
   """
   sparsity = check_sparsity(sparsity)
   if kind not in DISTRIBUTIONS:
-    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {kind!r}.")
+    raise ArgumentError("distribution", f"distribution must be one of {DISTRIBUTIONS}, "
+                        f"got {kind!r}.")
   custom = dict(custom or {})
   for pattern, value in custom.items():
-    check_sparsity(value, f"custom[{pattern!r}]")
+    check_sparsity(value, f"custom[{pattern!r}]", "custom")
   masks_lib.check_patterns_match(params, list(custom), "custom")
   masks_lib.check_patterns_match(params, masks_lib.selector_patterns(dense), "dense")
 
@@ -129,9 +135,9 @@ def sparsity_distribution(
   is_allowed = dict(zip(paths, jax.tree.leaves(allowed)))
   if not any(is_allowed.values()):
     if any(is_candidate.values()):
-      raise ValueError("dense: the patterns force every sparsifiable parameter dense; "
+      raise ArgumentError("dense", "dense: the patterns force every sparsifiable parameter dense; "
                        "nothing is left to sparsify.")
-    raise ValueError("params: no parameter to sparsify (by default every floating "
+    raise ArgumentError("params", "params: no parameter to sparsify (by default every floating "
                      "leaf with ndim >= 2 is sparsifiable; check `include` and `dense`).")
 
   result = {p: 0.0 for p in paths}
@@ -158,6 +164,6 @@ def sparsity_distribution(
   for path, s in result.items():
     size = int(np.prod(shapes[path]))
     if s > 0.0 and masks_lib.num_active(size, s) < 1:
-      raise ValueError(f"sparsity: {s:.9g} leaves layer {path!r} ({size} weights) without a "
+      raise ArgumentError("sparsity", f"sparsity: {s:.9g} leaves layer {path!r} ({size} weights) without a "
                        f"single active weight; lower the sparsity or keep that layer dense.")
   return jax.tree.unflatten(treedef, [result[p] for p in paths])

@@ -5,13 +5,11 @@ Command line::
     python -m rigl_jax.export --workdir=DIR [--out=DIR/export]
 
 reads the run in ``DIR`` (``config.json`` and the newest good checkpoint),
-writes ``OUT/model.npz`` and ``OUT/manifest.json``, reloads them, checks the
-predictions against the masked dense model, times both, and prints one JSON
-object: sizes (``size_ratio`` is ``model.npz`` over the same params saved densely
-in a plain ``.npz``; the ratios to a deflated dense ``.npz``, to an orbax
-checkpoint of the params and to the run's checkpoint step are there too),
-``predictions_match``, ``latency_ms`` (medians) and ``latency_min_ms`` for the
-sparse and the dense model at batch 1 and 128, and per-layer details.
+writes ``OUT/model.npz`` and ``OUT/manifest.json``, reloads them, checks them
+against the masked dense model, and prints one JSON object: sizes
+(``size_ratio`` is ``model.npz`` over the same params saved densely in a plain
+``.npz``), ``roundtrip_exact``, ``predictions_match`` and per-layer details.
+``benchmarks/bench_export.py`` adds latencies and other size comparisons.
 
 File format (``FORMAT_VERSION`` 1)
 ----------------------------------
@@ -71,10 +69,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
-import time
 import zipfile
 from typing import Any, Callable, NamedTuple
 
@@ -166,9 +162,9 @@ def load_run(workdir: str) -> Run:
   if not os.path.isdir(workdir):
     raise ExportError(f"workdir {workdir!r} does not exist")
   c = _saved_config(workdir)
-  if c.dataset not in data_lib.INPUT_SPECS:
+  if c.dataset not in data_lib.DATASET_NAMES:
     raise ExportError(f"config.json: unknown dataset {c.dataset!r}")
-  input_shape, num_classes = data_lib.INPUT_SPECS[c.dataset]
+  input_shape, num_classes = data_lib.input_spec(c.dataset, c.sequence_length)
   model_kwargs = {"num_classes": num_classes,
                   "width_multiplier": config_lib.width_multiplier(c), "dtype": c.dtype}
   model = models.get_model(c.model, num_classes=num_classes,
@@ -516,33 +512,25 @@ def load_exported(path: str, *, conv: str = "dense",
                   variables=variables, manifest=manifest, model=model, layer_modes=layer_modes)
 
 
-# ----------------------------------------------------------------------------- checks and report
+# ----------------------------------------------------------------------------- check
 
 
-def _dir_bytes(path: str) -> int:
-  """Total size of the files under ``path``."""
-  return sum(os.path.getsize(os.path.join(root, name))
-             for root, _, names in os.walk(path) for name in names)
-
-
-def dense_reference_sizes(variables: dict) -> dict[str, int]:
-  """Bytes of the same (dense, masked) variables saved densely: as a plain ``.npz``
-  (np.savez, 4 bytes a float32 weight), as a deflated ``.npz`` (np.savez_compressed,
-  the export's own container) and as an orbax checkpoint (params and BN statistics
-  only, no optimizer state)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+def dense_npz_bytes(variables: dict) -> int:
+  """Bytes of the same (dense, masked) variables saved as a plain ``.npz`` (np.savez,
+  4 bytes a float32 weight): what ``size_ratio`` compares the export with."""
   arrays = {f"{k}:dense": np.asarray(v) for k, v in _flat(variables).items()}
-  sizes = {}
   with tempfile.TemporaryDirectory() as tmp:
-    for name, save in (("dense_npz_bytes", np.savez),
-                       ("dense_npz_deflated_bytes", np.savez_compressed)):
-      file = os.path.join(tmp, f"{name}.npz")
-      save(file, **arrays)
-      sizes[name] = os.path.getsize(file)
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, "orbax"), variables)
-    sizes["dense_orbax_bytes"] = _dir_bytes(os.path.join(tmp, "orbax"))
-  return sizes
+    file = os.path.join(tmp, "dense.npz")
+    np.savez(file, **arrays)
+    return os.path.getsize(file)
+
+
+def masked_reference(run: Run) -> dict:
+  """The run's variables with the masks applied: what the export must reproduce."""
+  masks = _flat(run.masks) if run.masks is not None else {}
+  reference = {c: {p: np.where(masks[p], v, 0) if p in masks and c == "params" else v
+                   for p, v in _flat(run.variables[c]).items()} for c in COLLECTIONS}
+  return {c: _unflat(v) for c, v in reference.items()}
 
 
 def check_batch(run: Run, size: int = 128) -> tuple[np.ndarray, str]:
@@ -564,50 +552,19 @@ def check_batch(run: Run, size: int = 128) -> tuple[np.ndarray, str]:
   return rng.standard_normal((size,) + run.input_shape).astype(np.float32), "random normal"
 
 
-def interleaved_latency_ms(fns: dict[str, Callable], x, repeats: int) -> dict[str, dict]:
-  """Wall time (ms) of each warm function on ``x``: ``{name: {"median", "min"}}``.
+def verify_export(run: Run, out_dir: str, *, conv: str = "dense",
+                  max_density: float = DEFAULT_MAX_DENSITY) -> dict:
+  """Reloads the export in ``out_dir`` and checks it against the masked dense model.
 
-  Each repetition calls every function once, the order reversed on odd
-  repetitions, so that load from other processes hits all of them alike. The
-  median is the figure to quote; the minimum is the best case, a steadier
-  estimate of the uncontended cost on a shared machine.
-  """
-  x = jax.device_put(x)
-  for fn in fns.values():  # compile and warm up
-    for _ in range(3):
-      jax.block_until_ready(fn(x))
-  times: dict[str, list[float]] = {name: [] for name in fns}
-  names = list(fns)
-  for r in range(repeats):
-    for name in names if r % 2 == 0 else names[::-1]:
-      start = time.perf_counter()
-      jax.block_until_ready(fns[name](x))
-      times[name].append(time.perf_counter() - start)
-  return {name: {"median": 1e3 * statistics.median(t), "min": 1e3 * min(t)}
-          for name, t in times.items()}
-
-
-def evaluate_export(run: Run, out_dir: str, *, conv: str = "dense",
-                    max_density: float = DEFAULT_MAX_DENSITY, batch_sizes=(1, 128),
-                    repeats: dict | int | None = None) -> dict:
-  """Reloads the export in ``out_dir`` and measures it against the masked dense model.
-
-  Returns the report printed by the command line: sizes and ratios, whether the
-  predictions match on a batch of 128, interleaved median latencies of the
-  sparse and the dense model per batch size, and per-layer details. ``repeats``:
-  timed calls per model, one number or one per batch size (default 200 at
-  batch 1, 40 above).
+  Returns the report printed by the command line: sizes, whether the variables
+  round-trip bit for bit and the predictions match on a batch of 128, and
+  per-layer details. Latencies are measured by ``benchmarks/bench_export.py``.
   """
   exported = load_exported(out_dir, conv=conv, max_density=max_density)
   manifest = exported.manifest
-  # The masked dense model straight from the checkpoint: the reference.
-  masks = _flat(run.masks) if run.masks is not None else {}
-  reference = {c: {p: np.where(masks[p], v, 0) if p in masks and c == "params" else v
-                   for p, v in _flat(run.variables[c]).items()} for c in COLLECTIONS}
-  reference = {c: _unflat(v) for c, v in reference.items()}
+  reference = masked_reference(run)
   roundtrip = all(np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(reference), jax.tree.leaves(exported.variables)))
-
   images, source = check_batch(run)
   ref_logits = np.asarray(jax.jit(lambda v, x: run.model.apply(v, x, train=False))(
       reference, images))
@@ -615,23 +572,8 @@ def evaluate_export(run: Run, out_dir: str, *, conv: str = "dense",
   argmax_equal = bool(np.array_equal(ref_logits.argmax(-1), logits.argmax(-1)))
   close = bool(np.allclose(logits, ref_logits, rtol=1e-4, atol=1e-4))
 
-  if isinstance(repeats, int):
-    repeats = {b: repeats for b in batch_sizes}
-  repeats = repeats or {}
-  latency = {"sparse": {}, "dense": {}}
-  latency_min = {"sparse": {}, "dense": {}}
-  for b in batch_sizes:
-    x = np.resize(images, (b,) + images.shape[1:])
-    ms = interleaved_latency_ms({"sparse": exported.model_fn, "dense": exported.dense_fn}, x,
-                                repeats.get(b, 200 if b == 1 else 40))
-    for name in latency:
-      latency[name][str(b)] = round(ms[name]["median"], 4)
-      latency_min[name][str(b)] = round(ms[name]["min"], 4)
-
   file_bytes = os.path.getsize(os.path.join(out_dir, manifest["model_file"]))
-  sizes = dense_reference_sizes(reference)
-  ckpt_dir = os.path.join(run.workdir, "checkpoints", str(run.step))
-  sizes["checkpoint_dir_bytes"] = _dir_bytes(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+  dense_bytes = dense_npz_bytes(reference)
   layers = []
   for layer in manifest["layers"]:
     path = layer["path"].split("/", 1)[1]
@@ -650,23 +592,14 @@ def evaluate_export(run: Run, out_dir: str, *, conv: str = "dense",
       "sparse_kernels": len(sparse_kernels),
       "file_bytes": file_bytes,
       "manifest_bytes": os.path.getsize(os.path.join(out_dir, MANIFEST_FILE)),
-      **sizes,
-      "size_ratio": file_bytes / sizes["dense_npz_bytes"],
-      "size_ratio_vs_dense_npz_deflated": file_bytes / sizes["dense_npz_deflated_bytes"],
-      "size_ratio_vs_dense_orbax": file_bytes / sizes["dense_orbax_bytes"],
-      "size_ratio_vs_checkpoint_dir": (file_bytes / sizes["checkpoint_dir_bytes"]
-                                       if sizes["checkpoint_dir_bytes"] else None),
+      "dense_npz_bytes": dense_bytes,
+      "size_ratio": file_bytes / dense_bytes,
       "roundtrip_exact": roundtrip,
       "predictions_match": argmax_equal and close,
       "argmax_equal": argmax_equal,
       "max_abs_logit_diff": float(np.max(np.abs(logits - ref_logits))),
       "check_batch": {"size": int(images.shape[0]), "source": source},
       "conv": conv, "max_density": max_density,
-      "latency_ms": latency,
-      "speedup": {b: round(latency["dense"][b] / latency["sparse"][b], 3)
-                  for b in latency["sparse"]},
-      "latency_min_ms": latency_min,
-      "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
       "layers": layers,
   }
 
@@ -674,13 +607,13 @@ def evaluate_export(run: Run, out_dir: str, *, conv: str = "dense",
 # ----------------------------------------------------------------------------- command line
 
 
-def export_and_report(workdir: str, out_dir: str | None = None, **kwargs) -> dict:
+def export_and_verify(workdir: str, out_dir: str | None = None, **kwargs) -> dict:
   """`load_run`, `export_run` into ``out_dir`` (default ``WORKDIR/export``), then
-  `evaluate_export`; returns its report."""
+  `verify_export`; returns its report."""
   run = load_run(workdir)
   out_dir = out_dir or os.path.join(workdir, "export")
   export_run(run, out_dir)
-  return {"workdir": workdir, **evaluate_export(run, out_dir, **kwargs)}
+  return {"workdir": workdir, **verify_export(run, out_dir, **kwargs)}
 
 
 def main(argv) -> None:
@@ -694,8 +627,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
   f = flags.FLAGS
   try:
-    report = export_and_report(f.workdir, f.out, conv=f.conv, max_density=f.max_density,
-                               repeats={1: f.repeats, 128: max(f.repeats // 5, 5)})
+    report = export_and_verify(f.workdir, f.out, conv=f.conv, max_density=f.max_density)
   except (ExportError, checkpoint_lib.CheckpointRestoreError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -711,6 +643,5 @@ if __name__ == "__main__":
                     "or im2col + sparse product.")
   flags.DEFINE_float("max_density", DEFAULT_MAX_DENSITY,
                      "Sparse kernels denser than this run as dense products.")
-  flags.DEFINE_integer("repeats", 200, "Timed calls per model at batch 1 (a fifth at 128).")
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

@@ -346,10 +346,15 @@ def multipliers(method: str, f_dense: float, f_sparse: float | None = None, *,
 
 
 def model_costs(model: nn.Module, input_shape) -> list[LayerCost]:
-  """``layer_costs`` of a model at one example of ``input_shape``, nothing allocated."""
+  """``layer_costs`` of a model at one example of ``input_shape``, nothing allocated,
+  plus the model's ``extra_layer_costs(input_shape)`` when it has them: products that
+  are not ``nn.Dense``/``nn.Conv`` calls (a recurrent matrix applied at every step,
+  attention scores)."""
   sample = jax.ShapeDtypeStruct((1,) + tuple(input_shape), np.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample)
-  return layer_costs(model, variables, sample, train=False)
+  costs = layer_costs(model, variables, sample, train=False)
+  extra = getattr(model, "extra_layer_costs", None)
+  return costs + list(extra(tuple(input_shape))) if extra is not None else costs
 
 
 def reference_dense_flops(c, num_classes: int, input_shape) -> float:
@@ -415,7 +420,7 @@ def config_flops(c, steps_per_epoch: int | None = None) -> dict:
   from rigl_jax import data, distributions, masks, models  # pylint: disable=import-outside-toplevel
 
   config_lib.validate(c)
-  input_shape, num_classes = data.INPUT_SPECS[c.dataset]
+  input_shape, num_classes = data.input_spec(c.dataset, c.sequence_length)
   model = models.get_model(c.model, num_classes=num_classes,
                            width_multiplier=config_lib.width_multiplier(c))
   costs = model_costs(model, input_shape)

@@ -45,10 +45,34 @@ __doc__ += "\n" + _config_lib.describe_fields() + "\n"  # pylint: disable=redefi
 
 
 class _QuietLibraries:
-  """Drops INFO lines of orbax and friends: they log every checkpoint step in detail."""
+  """Drops INFO lines of orbax and friends (they log every checkpoint step in detail),
+  and the tracebacks of orbax's errors: a failed save reaches the trainer, which names
+  the cause in one line."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    record.exc_info = record.exc_text = None
+    return record.levelno >= 30
+
+
+def _is_closed_event_loop(kind, value) -> bool:
+  return kind is RuntimeError and str(value) == "Event loop is closed"
+
+
+def _quiet_closed_event_loops() -> None:
+  """After a failed asynchronous save, tensorstore completes the other writes into
+  orbax's closed event loop, and each prints a 'RuntimeError: Event loop is closed'
+  traceback (through whichever hook its thread reaches): noise after the fact, since
+  the save error itself reaches the trainer. Every other error is printed as usual."""
+  import threading  # pylint: disable=import-outside-toplevel
+  hook, thread_hook, unraisable_hook = sys.excepthook, threading.excepthook, sys.unraisablehook
+  sys.excepthook = lambda kind, value, tb: (
+      None if _is_closed_event_loop(kind, value) else hook(kind, value, tb))
+  threading.excepthook = lambda args: (
+      None if _is_closed_event_loop(args.exc_type, args.exc_value) else thread_hook(args))
+  sys.unraisablehook = lambda u: (
+      None if _is_closed_event_loop(u.exc_type, u.exc_value) else unraisable_hook(u))
 
 
 EXIT_FAILED = 1     # anything else: a lost peer, no usable checkpoint, a crash
@@ -57,11 +81,17 @@ EXIT_DIVERGED = 3   # a non-finite loss or gradient with on_nonfinite="stop"
 EXIT_INTERRUPTED = 130  # a second Ctrl-C (the shell's code for SIGINT)
 
 
-def _fail(message, code: int):
-  """Ends the process with ``error: MESSAGE`` on one line of stderr."""
+def _fail(message, code: int, *, at_once: bool = False):
+  """Ends the process with ``error: MESSAGE`` on one line of stderr. ``at_once``
+  skips the interpreter's shutdown, which would wait for (and print the tracebacks
+  of) background threads left by a failed write."""
+  logging.flush()
   # One write call, so that output from other threads cannot split the line.
   sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
   sys.stderr.flush()
+  if at_once:
+    sys.stdout.flush()
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
 
 
@@ -133,13 +163,32 @@ def _initialize_distributed(jax):
       _fail(f"flags: --coordinator_address needs --num_processes >= 1 and --process_id in "
             f"[0, num_processes), got {n} and {i}", EXIT_BAD_INPUT)
     kwargs.update(coordinator_address=FLAGS.coordinator_address, num_processes=n, process_id=i)
-  jax.distributed.initialize(**kwargs)
+  # jax aborts the process (SIGABRT, a C++ stack) when its own timeout passes: stop
+  # first, with one line. The wait is in C++, which lets this timer thread run.
+  kwargs["initialization_timeout"] = FLAGS.init_timeout_s + 60
+  import threading  # pylint: disable=import-outside-toplevel
+  who = f"process {FLAGS.process_id}" if FLAGS.process_id is not None else "this process"
+  watchdog = threading.Timer(FLAGS.init_timeout_s, _fail, kwargs={
+      "message": f"distributed: {who} waited --init_timeout_s={FLAGS.init_timeout_s} s for "
+                 f"every process to join"
+                 + (f" the coordinator at {FLAGS.coordinator_address}"
+                    if FLAGS.coordinator_address else "")
+                 + "; a process did not start or died before connecting. Start them all "
+                   "again",
+      "code": EXIT_FAILED, "at_once": True})
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(**kwargs)
+  finally:
+    watchdog.cancel()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _quiet_closed_event_loops()
   try:
     FLAGS.config.keys()  # ml_collections reports a config file that failed to load only now
   except Exception as e:  # pylint: disable=broad-except
@@ -162,6 +211,8 @@ def main(argv):
   except KeyboardInterrupt:
     _fail("interrupted by a second Ctrl-C: stopped at once; the last checkpoint is kept, "
           "rerun the same command to resume from it", EXIT_INTERRUPTED)
+  except checkpoint_lib.CheckpointSaveError as e:
+    _fail(f"checkpoints: {e}", EXIT_FAILED, at_once=True)
   except checkpoint_lib.CheckpointRestoreError as e:
     _fail(f"checkpoints: {e} Move the checkpoints folder away to start over.", EXIT_FAILED)
   except Exception as e:  # pylint: disable=broad-except
@@ -179,7 +230,9 @@ def main(argv):
     return
   logging.flush()
   acc = summary["test_accuracy"]
-  print(f"test_accuracy={acc:.4f} val_accuracy={summary['val_accuracy']} "
+  bits = (f"test_bits_per_char={summary['test_bits_per_char']:.4f} "
+          if summary.get("test_bits_per_char") is not None else "")
+  print(f"{bits}test_accuracy={acc:.4f} val_accuracy={summary['val_accuracy']} "
         f"global_density={summary['global_density']:.4f} steps={summary['steps']} "
         f"train_flops_multiplier={summary['train_flops_multiplier']:.3f} "
         f"test_flops_multiplier={summary['test_flops_multiplier']:.3f}")

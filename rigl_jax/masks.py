@@ -56,6 +56,16 @@ def is_floating(leaf) -> bool:
   return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
+class ArgumentError(ValueError):
+  """A bad argument of the core's public functions; ``argument`` names it (``"dense"``,
+  ``"custom"``, ``"sparsity"``, ``"params"``, ...), so that a caller can report it
+  against its own setting without parsing the message."""
+
+  def __init__(self, argument: str, message: str):
+    super().__init__(message)
+    self.argument = argument
+
+
 def _compile_selector(selector: Selector, name: str) -> Callable[[str, Any], bool] | None:
   """Turns a selector into a predicate; validates regexes with a clear error."""
   if selector is None:
@@ -66,12 +76,12 @@ def _compile_selector(selector: Selector, name: str) -> Callable[[str, Any], boo
   compiled = []
   for pattern in patterns:
     if not isinstance(pattern, str):
-      raise ValueError(f"{name}: expected a regex string, a list of them or a "
+      raise ArgumentError(name, f"{name}: expected a regex string, a list of them or a "
                        f"predicate fn(path, leaf), got {pattern!r}.")
     try:
       compiled.append(re.compile(pattern))
     except re.error as e:
-      raise ValueError(f"{name}: invalid regex {pattern!r}: {e}") from None
+      raise ArgumentError(name, f"{name}: invalid regex {pattern!r}: {e}") from None
   return lambda path, leaf: any(c.search(path) for c in compiled)
 
 
@@ -88,7 +98,7 @@ def check_patterns_match(tree: PyTree, patterns: Sequence[str], name: str) -> No
   for pattern in patterns:
     if not any(re.search(pattern, p) for p in paths):
       shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
-      raise ValueError(f"{name}: pattern {pattern!r} matches no parameter. "
+      raise ArgumentError(name, f"{name}: pattern {pattern!r} matches no parameter. "
                        f"Parameter paths look like: {shown}")
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from rigl_jax import masks as masks_lib
+from rigl_jax import names
 from rigl_jax import schedules
 from rigl_jax import selection
 
@@ -547,6 +548,9 @@ METHODS: dict[str, type[Method]] = {
     "snfs": SNFS, "rigl_sg": RigLSG, "rigl_sm": RigLSM,
     "pruning": MagnitudePruning, "pruning_global": GlobalMagnitudePruning,
 }
+if tuple(METHODS) != names.METHOD_NAMES:  # the config and --help list names.METHOD_NAMES
+  raise ImportError(f"rigl_jax.names.METHOD_NAMES {names.METHOD_NAMES} differs from "
+                    f"rigl_jax.methods.METHODS {tuple(METHODS)}")
 
 
 def get_method(method: str | Method) -> Method:
@@ -554,6 +558,7 @@ def get_method(method: str | Method) -> Method:
   if isinstance(method, Method):
     return method
   if method not in METHODS:
-    raise ValueError(f"method must be one of {tuple(METHODS)} or a rigl_jax.methods.Method, "
-                     f"got {method!r}.")
+    raise masks_lib.ArgumentError(
+        "method", f"method must be one of {tuple(METHODS)} or a rigl_jax.methods.Method, "
+        f"got {method!r}.")
   return METHODS[method]()

@@ -1,8 +1,9 @@
-"""TensorBoard scalar events without TensorFlow.
+"""TensorBoard scalar and hparams events without TensorFlow.
 
 An events file is a TFRecord stream of ``Event`` protocol buffers. Scalars need
-only four fields, so this module encodes them by hand rather than importing
-TensorFlow (tens of seconds of start-up) into every run.
+only four fields and the hparams plugin's session start a few more, so this
+module encodes them by hand rather than importing TensorFlow (tens of seconds of
+start-up) into every run.
 """
 
 from __future__ import annotations
@@ -82,6 +83,40 @@ def _event(step: int, *, file_version: str | None = None, scalars=None,
   return out
 
 
+def _double(number: int, value: float) -> bytes:
+  return _field(number, 1, struct.pack("<d", float(value)))
+
+
+def _hparams_summary(hparams: dict, group_name: str) -> bytes:
+  """A Summary holding the hparams plugin's SessionStartInfo (what TensorBoard's
+  HParams tab reads; its metrics are inferred from the run's scalars)."""
+  entries = b""
+  for name in sorted(hparams):
+    value = hparams[name]
+    # google.protobuf.Value: number_value=2 (double), string_value=3, bool_value=4.
+    if isinstance(value, bool):
+      encoded = _field(4, 0, _varint(int(value)))
+    elif isinstance(value, (int, float)):
+      encoded = _double(2, value)
+    else:
+      encoded = _length_delimited(3, str(value).encode())
+    # map<string, Value> entry: key=1, value=2.
+    entries += _length_delimited(1, _length_delimited(1, name.encode()) +
+                                 _length_delimited(2, encoded))
+  # SessionStartInfo: hparams=1, group_name=4, start_time_secs=5.
+  start_info = entries + _length_delimited(4, group_name.encode()) + _double(5, time.time())
+  content = _length_delimited(3, start_info)  # HParamsPluginData.session_start_info=3
+  # SummaryMetadata.plugin_data=1 -> PluginData: plugin_name=1, content=2.
+  metadata = _length_delimited(1, _length_delimited(1, b"hparams") +
+                               _length_delimited(2, content))
+  # The plugin's placeholder tensor: TensorProto dtype=1 (DT_FLOAT), shape=2 with one
+  # dim of size 0.
+  tensor = _field(1, 0, _varint(1)) + _length_delimited(2, _length_delimited(2, b""))
+  value = (_length_delimited(1, b"_hparams_/session_start_info") +
+           _length_delimited(8, tensor) + _length_delimited(9, metadata))
+  return _length_delimited(1, value)
+
+
 def _record(data: bytes) -> bytes:
   length = struct.pack("<Q", len(data))
   return (length + struct.pack("<I", _masked_crc(length)) + data +
@@ -106,6 +141,14 @@ class ScalarWriter:
       f.write(_record(_event(0, file_version="brain.Event:2")))
       if start_step > 0:
         f.write(_record(_event(int(start_step), session_status=SESSION_START)))
+
+  def write_hparams(self, hparams: dict, group_name: str = "") -> None:
+    """The run's hyperparameters for TensorBoard's HParams tab: numbers, bools and
+    strings (anything else is written as its ``str``)."""
+    event = (_field(1, 1, struct.pack("<d", time.time())) + _field(2, 0, _varint(0)) +
+             _length_delimited(5, _hparams_summary(hparams, group_name)))
+    with open(self.path, "ab") as f:
+      f.write(_record(event))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     with open(self.path, "ab") as f:

@@ -1,17 +1,17 @@
 """The trainer: ``train_and_evaluate(config, workdir)``.
 
-One jitted train step over a ``jax.make_mesh`` of every device (batch sharded on
-the ``data`` axis, state replicated), the sparse-training transform from the core,
-orbax checkpoints with exact resume, and ``metrics.jsonl`` / ``summary.json`` in
-the workdir.
+In the order a run goes: :func:`setup` (config, data, model, optimizer; writes
+nothing), :func:`restore_or_create` (the checkpoint or the step-0 state of
+:func:`create_train_state`), :func:`train_loop` (one jitted step over a
+``jax.make_mesh`` of every device, batch sharded on ``data``, state replicated),
+and :func:`summarize`. The run log is ``rigl_jax.run_log``, the workdir's other
+files are ``rigl_jax.workdir``, checkpoints are ``rigl_jax.checkpoint``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import signal
 import time
 import zlib
@@ -33,8 +33,8 @@ from rigl_jax import data as data_lib
 from rigl_jax import flops as flops_lib
 from rigl_jax import masks as masks_lib
 from rigl_jax import methods as methods_lib
-from rigl_jax import models, schedules
-from rigl_jax import tensorboard
+from rigl_jax import models, run_log, schedules
+from rigl_jax import workdir as workdir_lib
 
 PyTree = Any
 
@@ -102,23 +102,6 @@ class GivenMasks(methods_lib.Static):
     return jax.tree.map(lambda m, p: jnp.asarray(m, bool).reshape(jnp.shape(p)), self.masks, params)
 
 
-def custom_from_run(c) -> dict[str, float]:
-  """Per-layer sparsities read from a finished run's ``summary.json`` (the report's
-  re-initialisation experiment): one anchored regex per layer, so every layer leaves
-  the budget with exactly the density it ended with (dense ones at 0.0)."""
-  path = os.path.join(c.distribution_source, "summary.json")
-  if not os.path.exists(path):
-    raise config_lib.ConfigError(
-        f"config.distribution_source: {c.distribution_source!r} has no summary.json; it "
-        f"must be the workdir of a finished sparse run")
-  summary = _read_json(path, "distribution_source")
-  if summary.get("model") != c.model or not summary.get("layer_densities"):
-    raise config_lib.ConfigError(
-        f"config.distribution_source: the run in {c.distribution_source!r} trained a sparse "
-        f"{summary.get('model')!r}; this run needs a sparse {c.model!r} run")
-  return {f"^{re.escape(p)}$": 1.0 - d for p, d in summary["layer_densities"].items()}
-
-
 def warn_if_far_from_sparsity(c, params_shape) -> None:
   """Warns when the kernels as a whole end up much denser than ``config.sparsity``
   (uniform keeps the first layer dense, and an MLP's first layer holds most weights)."""
@@ -145,10 +128,16 @@ def warn_if_far_from_sparsity(c, params_shape) -> None:
 
 
 def make_optimizer(c, *, total: int, lottery_masks=None) -> optax.GradientTransformation:
-  """SGD (Nesterov) with kernel-only weight decay, wrapped for sparse training."""
-  sgd = optax.inject_hyperparams(optax.sgd)(
-      learning_rate=c.learning_rate, momentum=c.momentum, nesterov=c.nesterov)
-  inner = optax.chain(optax.add_decayed_weights(c.weight_decay, mask=_kernels_only), sgd)
+  """SGD (Nesterov) or Adam, with kernel-only weight decay (added to the gradient, as
+  the report's SGD does) and optional global-norm clipping, wrapped for sparse training."""
+  if c.optimizer == "adam":
+    base = optax.inject_hyperparams(optax.adam)(learning_rate=c.learning_rate, b1=c.momentum)
+  else:
+    base = optax.inject_hyperparams(optax.sgd)(
+        learning_rate=c.learning_rate, momentum=c.momentum, nesterov=c.nesterov)
+  clip = [optax.clip_by_global_norm(c.grad_clip_norm)] if c.grad_clip_norm > 0 else []
+  inner = optax.chain(*clip, optax.add_decayed_weights(c.weight_decay, mask=_kernels_only),
+                      base)
   if c.method in config_lib.DENSE_METHODS:
     return inner
   method = GivenMasks(lottery_masks) if c.method == "lottery" else c.method
@@ -164,7 +153,7 @@ def make_optimizer(c, *, total: int, lottery_masks=None) -> optax.GradientTransf
       drop_schedule=c.drop_schedule,
       skip_inner_update_on_mask_step=c.skip_inner_update_on_mask_step,
       dense=list(c.dense_layers) or None,
-      custom=(custom_from_run(c) if c.distribution_source
+      custom=(workdir_lib.densities_from_run(c) if c.distribution_source
               else dict(c.custom_sparsity) or None),
       uniform_first_layer_dense=c.uniform_first_layer_dense,
       seed=c.seed,
@@ -265,11 +254,16 @@ def make_train_step(model, tx, c, num_classes: int, lr_fn, costs):
 
 
 def make_eval_step(model, num_classes: int):
+  """Sums of correct predictions, loss and count over the real entries of a batch:
+  examples (``mask [batch]``) or, for language models, characters (``mask [batch,
+  length]``)."""
   def eval_step(state: TrainState, batch):
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                          batch["image"], train=False)
-    weight = batch["mask"].astype(jnp.float32)
     loss = cross_entropy(logits, batch["label"], num_classes, 0.0)
+    weight = batch["mask"].astype(jnp.float32)
+    weight = jnp.broadcast_to(weight.reshape(weight.shape + (1,) * (loss.ndim - weight.ndim)),
+                              loss.shape)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return {"correct": jnp.sum(correct * weight), "loss": jnp.sum(loss * weight),
             "count": jnp.sum(weight)}
@@ -323,95 +317,6 @@ class Preemption:
       signal.signal(signum, previous)
 
 
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def _read_json(path: str, field: str) -> dict:
-  """A JSON object from a file; a damaged file is a ConfigError naming ``field``."""
-  try:
-    with open(path) as f:
-      obj = json.load(f)
-  except (OSError, ValueError) as e:
-    raise config_lib.ConfigError(f"config.{field}: cannot read {path}: {e}") from None
-  if not isinstance(obj, dict):
-    raise config_lib.ConfigError(f"config.{field}: {path} does not hold a JSON object")
-  return obj
-
-
-def _config_dict(c) -> dict:
-  return json.loads(c.to_json_best_effort())
-
-
-# Fields that may change when a run is resumed: they do not change its numbers.
-_RESUMABLE_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "overwrite",
-                     "data_dir", "eval_every")
-
-
-def check_workdir_config(c, workdir: str) -> None:
-  """Refuses a workdir holding a run of another config (unless ``overwrite``)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path) or c.overwrite:
-    return
-  saved = _read_json(path, "overwrite")
-  asked = _config_dict(c)
-  diff = sorted(k for k in set(saved) | set(asked)
-                if k not in _RESUMABLE_FIELDS and saved.get(k) != asked.get(k))
-  if diff:
-    k = diff[0]
-    raise config_lib.ConfigError(
-        f"config.{k}: the workdir {workdir} holds a run with {k}={saved.get(k)!r}, not "
-        f"{asked.get(k)!r} (differing fields: {', '.join(diff)}); use another workdir or "
-        f"--config.overwrite=True")
-
-
-class MetricsLog:
-  """``metrics.jsonl``: one JSON line per logged step; lines past a restored step are
-  dropped on resume so the file reads like one uninterrupted run."""
-
-  def __init__(self, path: str, resume_step: int):
-    self.path = path
-    self.last = {}
-    lines = []
-    if os.path.exists(path):
-      # A damaged byte must not stop every rerun: such a line fails to parse and is dropped.
-      with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-          if record.get("step", math.inf) <= resume_step:
-            lines.append(line if line.endswith("\n") else line + "\n")
-            self.last = record
-      if jax.process_index() == 0:  # one writer when processes share the workdir
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-          f.writelines(lines)
-        os.replace(tmp, path)
-
-  def write(self, record: dict) -> None:
-    if jax.process_index() != 0:
-      return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(_finite_or_null(record), sort_keys=True, allow_nan=False) + "\n")
-    self.last = record
-
-
-def _finite_or_null(value):
-  """NaN and infinities as JSON null (``json.dumps`` would write bare ``NaN``)."""
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, dict):
-    return {k: _finite_or_null(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_finite_or_null(v) for v in value]
-  return value
-
-
 def _to_host(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
@@ -427,363 +332,332 @@ def state_digest(state: TrainState) -> str:
   return f"{crc:08x}"
 
 
-def _save_tree(directory: str, tree) -> None:
-  """A small side checkpoint (initial params, final masks), written atomically by orbax."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(directory), tree, force=True)
-
-
-def _load_tree(directory: str, target):
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.abspath(directory), target)
-
-
-def load_lottery_source(c, params_shape):
-  """The final masks, the initial params and the training cost (``train_flops``,
-  ``train_flops_multiplier`` of its summary) of the pruning run in ``source_workdir``:
-  a lottery ticket's training cost includes that run, as in the report's Table 2."""
-  source = c.source_workdir
-
-  def require(name):
-    if not os.path.exists(os.path.join(source, name)):
-      raise config_lib.ConfigError(
-          f"config.source_workdir: {source!r} has no {name}; it must be the workdir of a "
-          f"finished sparse run (e.g. method 'pruning')")
-
-  require("config.json")
-  source_config = _read_json(os.path.join(source, "config.json"), "source_workdir")
-  for field in ("model", "dataset"):
-    if source_config.get(field) != c[field]:
-      raise config_lib.ConfigError(
-          f"config.source_workdir: the source run trained {field}="
-          f"{source_config.get(field)!r}, this run asks for {c[field]!r}")
-  for name in ("summary.json", "final_masks", "initial_params"):
-    require(name)
-  mask_target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bool_), params_shape)
-  summary = _read_json(os.path.join(source, "summary.json"), "source_workdir")
-  cost = {}
-  for key in ("train_flops", "train_flops_multiplier"):
-    if not isinstance(summary.get(key), (int, float)):
-      raise config_lib.ConfigError(
-          f"config.source_workdir: {source!r}/summary.json has no number {key!r}")
-    cost[key] = float(summary[key])
-  masks = _load_tree(os.path.join(source, "final_masks"), mask_target)
-  initial = _load_tree(os.path.join(source, "initial_params"), None)
-  return masks, initial, cost
-
-
 # ----------------------------------------------------------------------------- main loop
 
 
-def check_workdir_path(workdir: str) -> None:
-  """Refuses a workdir that cannot be created, before any directory is made (a
-  failed ``os.makedirs`` would leave its parents behind)."""
-  path = os.path.abspath(workdir)
-  existing = path
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+# ----------------------------------------------------------------------------- the run
+
+
+class Setup(NamedTuple):
+  """Everything a run builds from its config before it has a state."""
+  config: ml_collections.ConfigDict
+  pipeline: Any            # rigl_jax.data pipeline
+  model: Any               # flax module
+  tx: optax.GradientTransformation
+  total_steps: int
+  sparse: bool
+  costs: Any               # rigl_jax.flops layer costs of the model
+  dense_flops: float       # forward FLOPs per example of the dense reference model
+  initial_params: Any      # lottery: the source run's initial params, else None
+  source_cost: dict | None  # lottery: the source run's training cost, else None
+
+
+def check_sparse_optimizer(tx, params_shape) -> None:
+  """Builds the masks' shapes once, so that a bad pattern or a sparsity that leaves a
+  layer empty fails here, naming the config field, before anything is compiled."""
   try:
-    name_max = os.pathconf(existing, "PC_NAME_MAX")
-  except (OSError, ValueError):
-    name_max = 255
-  for part in path.split(os.sep):
-    if len(os.fsencode(part)) > name_max:
-      raise config_lib.ConfigError(
-          f"workdir: the path component {part[:32]!r}... is {len(os.fsencode(part))} bytes "
-          f"long; this file system allows {name_max}")
-  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-    if existing != path:
-      raise config_lib.ConfigError(f"workdir: cannot create {workdir!r}: {existing!r} is not "
-                                   f"a writable directory")
+    jax.eval_shape(tx.init, params_shape)
+  except rigl_jax.ArgumentError as e:
+    field = {"dense": "dense_layers", "custom": "custom_sparsity", "sparsity": "sparsity",
+             "params": "model", "distribution": "distribution"}.get(e.argument, e.argument)
+    raise config_lib.ConfigError(f"config.{field}: {e}") from None
 
 
-# What the trainer writes in a workdir: name -> whether it is a directory.
-WORKDIR_ENTRIES = {"config.json": False, "metrics.jsonl": False, "summary.json": False,
-                   "checkpoints": True, "tensorboard": True, "initial_params": True,
-                   "final_masks": True}
-
-
-def setup(c: ml_collections.ConfigDict, workdir: str):
-  """Validates the config and builds data, model and optimizer; writes nothing."""
+def setup(c: ml_collections.ConfigDict, workdir: str) -> Setup:
+  """Validates the config and the workdir, and builds data, model and optimizer;
+  writes nothing."""
   config_lib.validate(c, device_count=jax.device_count())
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise config_lib.ConfigError(f"workdir: {workdir!r} exists and is not a directory")
-  check_workdir_path(workdir)
-  for name, is_dir in WORKDIR_ENTRIES.items():
-    path = os.path.join(workdir, name)
-    if os.path.exists(path) and os.path.isdir(path) != is_dir:
-      raise config_lib.ConfigError(
-          f"workdir: {path} must be a {'directory' if is_dir else 'file'}; move it away or "
-          f"use another workdir")
+  workdir_lib.check_path(workdir)
   try:
     pipeline = data_lib.get_pipeline(
         c.dataset, global_batch_size=c.batch_size, eval_batch_size=c.eval_batch_size,
         seed=c.seed, validation_size=None if c.validation_size < 0 else c.validation_size,
-        data_dir=c.data_dir or None, augmentation=c.augmentation)
+        data_dir=c.data_dir or None, augmentation=c.augmentation,
+        sequence_length=c.sequence_length)
   except ValueError as e:  # sizes that do not fit the data set
     raise config_lib.ConfigError(f"config.dataset={c.dataset!r}: {e}") from None
-  check_workdir_config(c, workdir)
+  except FileNotFoundError as e:  # local text files missing
+    if c.dataset not in data_lib.text.TEXT_DATASETS:
+      raise
+    raise config_lib.ConfigError(f"config.data_dir: {e}") from None
+  workdir_lib.check_config(c, workdir)
+  info = pipeline.info
   total = config_lib.total_steps(c, pipeline.steps_per_epoch)
   end = config_lib.end_step(c, total)
   if end < c.start_step:
     raise config_lib.ConfigError(f"config.end_step: resolves to {end}, before "
                                  f"start_step={c.start_step}")
-  model = models.get_model(c.model, num_classes=pipeline.info.num_classes,
+  model = models.get_model(c.model, num_classes=info.num_classes,
                            width_multiplier=config_lib.width_multiplier(c),
                            dtype=jnp.dtype(c.dtype), dropout_rate=config_lib.dropout_rate(c))
-  return pipeline, model, total
-
-
-def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains, evaluates, and writes ``summary.json``; resumes from the workdir's checkpoint."""
-  wall_start = time.time()
-  c = ml_collections.ConfigDict(c)  # a private copy
-  pipeline, model, total = setup(c, workdir)
-  info = pipeline.info
-
-  # Auto axes: the compiler places what the model computes. With jax's default
-  # Explicit axes, flax's Dropout fails (its mask is replicated, the batch sharded).
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
-
   sample = jnp.zeros((1,) + tuple(info.input_shape), jnp.float32)
-  key = jax.random.key(c.seed)
-  variables_shape = jax.eval_shape(lambda: model.init(key, sample, train=False))
-  params_shape = variables_shape["params"]
-
+  params_shape = jax.eval_shape(
+      lambda: model.init(jax.random.key(c.seed), sample, train=False))["params"]
   lottery_masks = initial_params = source_cost = None
   if c.method == "lottery":
-    lottery_masks, initial_params, source_cost = load_lottery_source(c, params_shape)
+    lottery_masks, initial_params, source_cost = workdir_lib.load_lottery_source(c, params_shape)
   tx = make_optimizer(c, total=total, lottery_masks=lottery_masks)
   sparse = c.method not in config_lib.DENSE_METHODS
-  if sparse:  # bad patterns, nothing to sparsify: fail before compiling the step
-    try:
-      jax.eval_shape(tx.init, params_shape)
-    except ValueError as e:
-      field = {"dense": "dense_layers", "custom": "custom_sparsity",
-               "sparsity": "sparsity"}.get(str(e).split(":")[0], "model")
-      raise config_lib.ConfigError(f"config.{field}: {e}") from None
+  if sparse:
+    check_sparse_optimizer(tx, params_shape)
     warn_if_far_from_sparsity(c, params_shape)
-  costs = flops_lib.model_costs(model, info.input_shape)
+  return Setup(config=c, pipeline=pipeline, model=model, tx=tx, total_steps=total,
+               sparse=sparse, costs=flops_lib.model_costs(model, info.input_shape),
+               dense_flops=flops_lib.reference_dense_flops(c, info.num_classes,
+                                                          info.input_shape),
+               initial_params=initial_params, source_cost=source_cost)
 
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise config_lib.ConfigError(f"workdir: cannot create {workdir!r}: {e.strerror}") from None
-  if jax.process_index() == 0:
-    _write_json_atomic(os.path.join(workdir, "config.json"), _config_dict(c))
 
-  def init_state():
-    return create_train_state(model, tx, sample, key, sparse=sparse,
-                              params=None if initial_params is None else initial_params["params"])
+def init_fn(s: Setup):
+  """The function that builds the step-0 state (jit it, or eval_shape it)."""
+  sample = jnp.zeros((1,) + tuple(s.pipeline.info.input_shape), jnp.float32)
+  params = None if s.initial_params is None else s.initial_params["params"]
+  return lambda: create_train_state(s.model, s.tx, sample, jax.random.key(s.config.seed),
+                                    sparse=s.sparse, params=params)
 
-  state_shape = jax.eval_shape(init_state)
-  state_target = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state_shape)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     max_to_keep=c.keep_checkpoints,
-                                     save_interval_steps=c.checkpoint_every)
-  restored = ckpt.restore_latest(state_target)
-  if restored is None:
-    state = jax.jit(init_state, out_shardings=replicated)()
-    start_step = 0
-    if sparse:  # every process: orbax saves are collective (the primary one writes)
-      _save_tree(os.path.join(workdir, "initial_params"), {"params": _to_host(state.params)})
-    logging.info("Starting %s from scratch: %d steps.", workdir, total)
-  else:
+
+def restore_or_create(s: Setup, ckpt: checkpoint_lib.Checkpointer, sharding,
+                      workdir: str) -> tuple[TrainState, int]:
+  """The newest good checkpoint, or the step-0 state (whose params are saved as
+  ``initial_params`` for a later lottery ticket)."""
+  init = init_fn(s)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        jax.eval_shape(init))
+  restored = ckpt.restore_latest(target)
+  if restored is not None:
     start_step, state = restored
-    logging.info("Resumed %s at step %d of %d.", workdir, start_step, total)
+    logging.info("Resumed %s at step %d of %d.", workdir, start_step, s.total_steps)
+    return state, start_step
+  state = jax.jit(init, out_shardings=sharding)()
+  if s.sparse:
+    workdir_lib.save_tree(os.path.join(workdir, "initial_params"),
+                          {"params": _to_host(state.params)})
+  logging.info("Starting %s from scratch: %d steps.", workdir, s.total_steps)
+  return state, 0
 
-  lr_fn = learning_rate_fn(c, pipeline.steps_per_epoch)
-  train_step = jax.jit(make_train_step(model, tx, c, info.num_classes, lr_fn, costs),
-                       in_shardings=(replicated, batch_sharding),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model, info.num_classes),
-                      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
-  def to_global(batch):
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-            for k, v in batch.items()}
+def masks_of(s: Setup, state: TrainState):
+  return _to_host(rigl_jax.get_masks(state.opt_state)) if s.sparse else None
 
-  def evaluate(split: str) -> dict:
-    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for batch in pipeline.eval_batches(split):
-      out = jax.device_get(eval_step(state, to_global(batch)))
-      for k in totals:
-        totals[k] += float(out[k])
-    n = max(totals["count"], 1.0)
-    return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n}
 
-  metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
-  events = (tensorboard.ScalarWriter(os.path.join(workdir, "tensorboard"), start_step)
-            if jax.process_index() == 0 else None)
+def training_flops(s: Setup, state: TrainState) -> tuple[float, float | None]:
+  """(training FLOPs, mean forward FLOPs per example) over the steps taken, from the
+  state's counter. Every method's per-step cost is affine in the step's forward
+  FLOPs, so the total is the formula at the mean, times the steps and the batch."""
+  steps = int(jax.device_get(state.step))
+  if not steps:
+    return 0.0, None
+  total, compensation = np.asarray(jax.device_get(state.forward_flops_sum), np.float64)
+  f_mean = float(total - compensation) / steps
+  per_example = flops_lib.train_flops_per_step(
+      flops_method(s.config), s.dense_flops, f_mean, update_every=s.config.update_every,
+      f_final=f_mean)
+  return per_example * s.config.batch_size * steps, f_mean
 
-  def write_events(step: int, scalars: dict) -> None:
-    if events is not None:
-      events.write(step, {k: v for k, v in scalars.items()
-                          if isinstance(v, (int, float)) and math.isfinite(v)})
-  f_dense = flops_lib.reference_dense_flops(c, info.num_classes, info.input_shape)
-  flops_method = {"pruning_global": "pruning", "lottery": "static"}.get(c.method, c.method)
 
-  def flops_so_far() -> tuple[float, float | None]:
-    """(training FLOPs, mean forward FLOPs per example) over the steps taken, from the
-    state. Every method's per-step cost is affine in the step's forward FLOPs, so the
-    total is the formula at the mean, times the steps and the batch."""
-    steps = int(jax.device_get(state.step))
-    if not steps:
-      return 0.0, None
-    total, compensation = (float(x) for x in np.asarray(jax.device_get(state.forward_flops_sum),
-                                                         np.float64))
-    f_mean = (total - compensation) / steps
-    per_example = flops_lib.train_flops_per_step(flops_method, f_dense, f_mean,
-                                                 update_every=c.update_every, f_final=f_mean)
-    return per_example * c.batch_size * steps, f_mean
-  end = config_lib.end_step(c, total)
-  drop_fn = schedules.make_drop_fraction_fn(c.drop_schedule, initial=c.drop_fraction,
-                                            start_step=c.start_step, end_step=end)
+def flops_method(c) -> str:
+  """The FLOP formula a method's training follows."""
+  return {"pruning_global": "pruning", "lottery": "static"}.get(c.method, c.method)
 
-  def masks_now():
-    return _to_host(rigl_jax.get_masks(state.opt_state)) if sparse else None
 
-  def log(step: int, pending: list, interval_s: float, steps_done: int, timed_steps: int):
-    host = jax.device_get(pending)
-    masks = masks_now()
-    train_flops, _ = flops_so_far()
-    record = {
-        "step": step,
-        "loss": float(np.mean([m["loss"] for m in host])),
-        "accuracy": float(np.mean([m["accuracy"] for m in host])),
-        "learning_rate": float(host[-1]["learning_rate"]),
-        "drop_fraction": float(drop_fn(step - 1)) if c.method in ("set", "rigl", "snfs",
-                                                                 "rigl_sg", "rigl_sm") else 0.0,
-        "global_density": masks_lib.global_density(masks)
-                          if sparse else 1.0,
-        # Compilation (the process's first step) is left out of the rate.
-        "steps_per_s": timed_steps / max(interval_s, 1e-9) if timed_steps else None,
-        "train_flops": train_flops,
-        "nonfinite": int(sum(m["nonfinite"] for m in host)),
-    }
-    if sparse:  # per-kernel densities: they move under redistribution and pruning
-      record["layer_densities"] = {
-          k: v for (k, v), m in zip(masks_lib.layer_densities(masks).items(),
-                                    jax.tree.leaves(masks)) if m.ndim >= 2}
-    metrics_log.write(record)
-    write_events(step, {k: v for k, v in record.items() if k != "step"})
-    write_events(step, {f"density/{k}": v for k, v in record.get("layer_densities", {}).items()})
-    rate = record["steps_per_s"]
-    speed = (f"{rate:.1f} steps/s  eta {(total - step) / max(rate, 1e-9):.0f}s" if rate
-             else "compiling")
-    logging.info("step %d/%d  loss %.4f  acc %.4f  lr %.4g  density %.4f  %s", step, total,
-                 record["loss"], record["accuracy"], record["learning_rate"],
-                 record["global_density"], speed)
-    if record["nonfinite"] and c.on_nonfinite == "skip":
-      logging.warning("Skipped %d batch(es) with a non-finite loss or gradient in steps "
-                      "%d-%d.", record["nonfinite"], step - steps_done, step - 1)
-    return record
+def state_fields(s: Setup, state: TrainState, step: int, log: run_log.RunLog) -> dict:
+  """What the log records of the state after ``step``: densities, training FLOPs,
+  the drop fraction in force, and for text the training loss in bits per character."""
+  c = s.config
+  masks = masks_of(s, state)
+  drop_fn = schedules.make_drop_fraction_fn(
+      c.drop_schedule, initial=c.drop_fraction, start_step=c.start_step,
+      end_step=config_lib.end_step(c, s.total_steps))
+  fields = {
+      "drop_fraction": (float(drop_fn(step - 1)) if c.method in DROP_AND_GROW_METHODS
+                        else 0.0),
+      **({"bits_per_char": log.pending_mean("loss") / math.log(2)}
+         if s.pipeline.info.sequence_length else {}),
+      "global_density": masks_lib.global_density(masks) if s.sparse else 1.0,
+      "train_flops": training_flops(s, state)[0],
+  }
+  if s.sparse:  # per-kernel densities: they move under redistribution and pruning
+    fields["layer_densities"] = {
+        k: v for (k, v), m in zip(masks_lib.layer_densities(masks).items(),
+                                  jax.tree.leaves(masks)) if m.ndim >= 2}
+  return fields
 
-  def check_finite():
-    bad = int(jax.device_get(state.nonfinite_step))
-    if bad >= 0 and c.on_nonfinite == "stop":
-      metrics_log.write({"step": int(jax.device_get(state.step)), "event": "nonfinite",
-                         "nonfinite_step": bad})
-      ckpt.close()
-      latest = ckpt.latest_step()
-      kept = (f"the last good checkpoint (step {latest}) is kept" if latest is not None
-              else "no checkpoint had been written yet")
-      raise FloatingPointError(
-          f"non-finite loss or gradient at step {bad}; stopped, {kept}. Set "
-          f"--config.on_nonfinite=skip to skip such batches instead.")
 
-  batches = pipeline.train_batches(start_step)
-  pending, interval_start, interval_steps, timed_steps = [], time.time(), 0, 0
-  preempted = False
+DROP_AND_GROW_METHODS = ("set", "rigl", "snfs", "rigl_sg", "rigl_sm")
+
+
+def evaluate(eval_step, state: TrainState, pipeline, split: str, to_global) -> dict:
+  """Accuracy and mean loss over every example of ``split`` (every character, for
+  text, with the loss also in bits per character)."""
+  totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+  for batch in pipeline.eval_batches(split):
+    out = jax.device_get(eval_step(state, to_global(batch)))
+    for k in totals:
+      totals[k] += float(out[k])
+  n = max(totals["count"], 1.0)
+  result = {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n}
+  if pipeline.info.sequence_length:
+    result["bits_per_char"] = result["loss"] / math.log(2)
+  return result
+
+
+def stop_if_nonfinite(c, state: TrainState, ckpt, log: run_log.RunLog) -> None:
+  """With ``on_nonfinite="stop"``: raises once a step has had a non-finite loss or
+  gradient (the state froze at the step before it; its last checkpoint is kept)."""
+  bad = int(jax.device_get(state.nonfinite_step))
+  if bad < 0 or c.on_nonfinite != "stop":
+    return
+  log.write_event({"step": int(jax.device_get(state.step)), "event": "nonfinite",
+                   "nonfinite_step": bad})
+  ckpt.close()
+  latest = ckpt.latest_step()
+  kept = (f"the last good checkpoint (step {latest}) is kept" if latest is not None
+          else "no checkpoint had been written yet")
+  raise FloatingPointError(
+      f"non-finite loss or gradient at step {bad}; stopped, {kept}. Set "
+      f"--config.on_nonfinite=skip to skip such batches instead.")
+
+
+def train_loop(s: Setup, state: TrainState, start_step: int, train_step, evaluate_fn, ckpt,
+               log: run_log.RunLog, to_global) -> tuple[TrainState, bool]:
+  """Steps from ``start_step`` to the end, logging, evaluating and checkpointing on
+  the config's intervals; returns the state and whether a stop was requested."""
+  c = s.config
+  batches = s.pipeline.train_batches(start_step)
   with Preemption() as preemption:
-    for step in range(start_step, total):
+    for step in range(start_step, s.total_steps):
       state, metrics = train_step(state, to_global(next(batches)))
-      pending.append(metrics)
-      interval_steps += 1
-      if step == start_step:  # this step compiled the train step: time the ones after it
-        jax.block_until_ready(metrics)
-        interval_start = time.time()
-      else:
-        timed_steps += 1
+      log.add(metrics)
       done = step + 1
-      if done % c.log_every == 0 or done == total:
-        log(done, pending, time.time() - interval_start, interval_steps, timed_steps)
-        pending, interval_start, interval_steps, timed_steps = [], time.time(), 0, 0
-        check_finite()
-      if c.eval_every and done % c.eval_every == 0 and done != total and info.num_val:
-        val = evaluate("val")
-        metrics_log.write({"step": done, "val_accuracy": val["accuracy"], "val_loss": val["loss"]})
-        write_events(done, {"val/accuracy": val["accuracy"], "val/loss": val["loss"]})
-        if not pending:  # evaluation time is not training time
-          interval_start = time.time()
-      # Read once: a SIGTERM arriving after this point is handled after the next step.
+      if done % c.log_every == 0 or done == s.total_steps:
+        log.write_train(done, state_fields(s, state, done, log))
+        stop_if_nonfinite(c, state, ckpt, log)
+      if (c.eval_every and done % c.eval_every == 0 and done != s.total_steps
+          and s.pipeline.info.num_val):
+        start = time.time()
+        val = evaluate_fn(state, "val")
+        log.write_eval(done, "val", val, seconds=time.time() - start)
+      # Read once: a signal arriving after this point is handled after the next step.
       stop = preemption.check(done)
       if done % c.checkpoint_every == 0 or stop:
-        if pending:  # the checkpoint's metrics line must be in the log before it
-          log(done, pending, time.time() - interval_start, interval_steps, timed_steps)
-          pending, interval_start, interval_steps, timed_steps = [], time.time(), 0, 0
-        check_finite()
+        if log.pending:  # the checkpoint's metrics line must be in the log before it
+          log.write_train(done, state_fields(s, state, done, log))
+        stop_if_nonfinite(c, state, ckpt, log)
         ckpt.save(done, state, force=stop)
       if stop:
-        preempted = True
-        break
-  if not preempted:
-    check_finite()
-    ckpt.save(total, state, force=True)
-  ckpt.close()
-  if preempted:
-    logging.info("Stop requested (SIGTERM or Ctrl-C): saved step %d and stopped; rerun the "
-                 "same command to resume.",
-                 int(jax.device_get(state.step)))
-    return {"preempted": True, "steps": int(jax.device_get(state.step))}
+        return state, True
+  stop_if_nonfinite(c, state, ckpt, log)
+  ckpt.save(s.total_steps, state, force=True)
+  return state, False
 
-  digest = state_digest(state)
-  logging.info("Final state CRC32 %s (process %d of %d).", digest, jax.process_index(),
-               jax.process_count())
-  masks = masks_now()
-  if sparse:  # every process: orbax saves are collective (the primary one writes)
-    _save_tree(os.path.join(workdir, "final_masks"), masks)
-  val = evaluate("val") if info.num_val else {"accuracy": None, "loss": None}
-  test = evaluate("test")
-  write_events(total, {"val/accuracy": val["accuracy"], "val/loss": val["loss"],
-                       "test/accuracy": test["accuracy"], "test/loss": test["loss"]})
-  f_final = flops_lib.forward_flops(costs, masks)
-  train_flops, f_mean = flops_so_far()
-  f_mean = f_final if f_mean is None else f_mean
+
+def summarize(s: Setup, state: TrainState, val: dict, test: dict, digest: str,
+              wall_s: float) -> dict:
+  """``summary.json``: final accuracies, densities and FLOPs (the report's way)."""
+  c = s.config
+  masks = masks_of(s, state)
+  f_final = flops_lib.forward_flops(s.costs, masks)
+  train_flops, f_mean = training_flops(s, state)
   train_mult, test_mult = flops_lib.multipliers(
-      flops_method, f_dense, f_mean, update_every=c.update_every, f_final=f_final,
-      train_scale=c.train_multiplier)
+      flops_method(c), s.dense_flops, f_final if f_mean is None else f_mean,
+      update_every=c.update_every, f_final=f_final, train_scale=c.train_multiplier)
+  text = s.pipeline.info.sequence_length
   summary = {
       "method": c.method, "model": c.model, "dataset": c.dataset,
       "distribution": c.distribution, "sparsity": c.sparsity, "seed": c.seed,
       "train_multiplier": c.train_multiplier,
       "test_accuracy": test["accuracy"], "test_loss": test["loss"],
       "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-      "global_density": (masks_lib.global_density(masks)
-                         if sparse else 1.0),
-      "layer_densities": masks_lib.layer_densities(masks) if sparse else {},
-      "steps": total,
-      "dense_forward_flops": f_dense, "sparse_forward_flops": f_final,
+      "global_density": masks_lib.global_density(masks) if s.sparse else 1.0,
+      "layer_densities": masks_lib.layer_densities(masks) if s.sparse else {},
+      "steps": s.total_steps,
+      "dense_forward_flops": s.dense_flops, "sparse_forward_flops": f_final,
       "train_flops_multiplier": train_mult, "test_flops_multiplier": test_mult,
       "train_flops": train_flops,
       "state_crc32": digest,
-      "wall_time_s": time.time() - wall_start,
+      "wall_time_s": wall_s,
   }
-  if source_cost is not None:  # lottery: the pruning run that found the ticket, plus this one
+  if text:  # language modelling: bits per character, and FLOPs per character
+    summary.update(
+        test_bits_per_char=test["bits_per_char"], val_bits_per_char=val.get("bits_per_char"),
+        sequence_length=text, corpus_sha256=s.pipeline.info.corpus_digest,
+        dense_forward_flops_per_char=s.dense_flops / text,
+        sparse_forward_flops_per_char=f_final / text)
+  if s.source_cost is not None:  # lottery: the pruning run that found the ticket, plus this
     summary.update(
         retrain_flops=train_flops, retrain_flops_multiplier=train_mult,
-        source_train_flops=source_cost["train_flops"],
-        source_train_flops_multiplier=source_cost["train_flops_multiplier"],
-        train_flops=train_flops + source_cost["train_flops"],
-        train_flops_multiplier=train_mult + source_cost["train_flops_multiplier"])
-  if jax.process_index() == 0:
-    _write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+        source_train_flops=s.source_cost["train_flops"],
+        source_train_flops_multiplier=s.source_cost["train_flops_multiplier"],
+        train_flops=train_flops + s.source_cost["train_flops"],
+        train_flops_multiplier=train_mult + s.source_cost["train_flops_multiplier"])
+  return summary
+
+
+# Logged to TensorBoard's HParams tab: what tells the runs of a sweep apart.
+HPARAMS = ("method", "distribution", "sparsity", "model", "dataset", "seed",
+           "train_multiplier", "learning_rate", "batch_size", "update_every",
+           "drop_fraction", "drop_schedule", "end_fraction", "weight_decay", "optimizer")
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, evaluates, and writes ``summary.json``; resumes from the workdir's
+  checkpoint. Returns the summary, or ``{"preempted": True, "steps": N}``."""
+  wall_start = time.time()
+  c = ml_collections.ConfigDict(c)  # a private copy
+  s = setup(c, workdir)
+  workdir_lib.create(c, workdir)
+
+  # Auto axes: the compiler places what the model computes. With jax's default
+  # Explicit axes, flax's Dropout fails (its mask is replicated, the batch sharded).
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     max_to_keep=c.keep_checkpoints,
+                                     save_interval_steps=c.checkpoint_every)
+  state, start_step = restore_or_create(s, ckpt, replicated, workdir)
+
+  info = s.pipeline.info
+  train_step = jax.jit(
+      make_train_step(s.model, s.tx, c, info.num_classes,
+                      learning_rate_fn(c, s.pipeline.steps_per_epoch), s.costs),
+      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(s.model, info.num_classes),
+                      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+
+  def to_global(batch):
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+            for k, v in batch.items()}
+
+  def evaluate_fn(state, split):
+    return evaluate(eval_step, state, s.pipeline, split, to_global)
+
+  log = run_log.RunLog(workdir, start_step, s.total_steps,
+                       hparams={k: c[k] for k in HPARAMS},
+                       warn_skipped=c.on_nonfinite == "skip")
+  state, stopped = train_loop(s, state, start_step, train_step, evaluate_fn, ckpt, log,
+                              to_global)
+  ckpt.close()
+  steps = int(jax.device_get(state.step))
+  if stopped:
+    logging.info("Stop requested (SIGTERM or Ctrl-C): saved step %d and stopped; rerun the "
+                 "same command to resume.", steps)
+    return {"preempted": True, "steps": steps}
+
+  digest = state_digest(state)
+  logging.info("Final state CRC32 %s (process %d of %d).", digest, jax.process_index(),
+               jax.process_count())
+  if s.sparse:
+    workdir_lib.save_tree(os.path.join(workdir, "final_masks"), masks_of(s, state))
+  val = evaluate_fn(state, "val") if info.num_val else {"accuracy": None, "loss": None,
+                                                        "bits_per_char": None}
+  test = evaluate_fn(state, "test")
+  if info.num_val:
+    log.write_eval(steps, "val", val, final=True)
+  log.write_eval(steps, "test", test, final=True)
+  summary = summarize(s, state, val, test, digest, time.time() - wall_start)
+  workdir_lib.write_summary(workdir, summary)
   logging.info("Done: test accuracy %.4f, val accuracy %s, global density %.4f.",
                summary["test_accuracy"], summary["val_accuracy"], summary["global_density"])
   return summary

@@ -23,6 +23,7 @@ from rigl_jax import distributions
 from rigl_jax import masks as masks_lib
 from rigl_jax import methods as methods_lib
 from rigl_jax import schedules
+from rigl_jax.masks import ArgumentError
 
 PyTree = Any
 
@@ -127,7 +128,8 @@ def _as_int(name: str, value, minimum: int, minimum_text: str | None = None) -> 
   """Any integral value (int, numpy integer) >= ``minimum``; bools and floats are not."""
   if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or
       value < minimum):
-    raise ValueError(f"{name} must be an int >= {minimum_text or minimum}, got {value!r}.")
+    raise ArgumentError(name, f"{name} must be an int >= {minimum_text or minimum}, "
+                        f"got {value!r}.")
   return int(value)
 
 
@@ -231,8 +233,8 @@ def sparse_training(
   method = methods_lib.get_method(method)
   sparsity = distributions.check_sparsity(sparsity)
   if distribution not in distributions.DISTRIBUTIONS:
-    raise ValueError(f"distribution must be one of {distributions.DISTRIBUTIONS}, "
-                     f"got {distribution!r}.")
+    raise ArgumentError("distribution", f"distribution must be one of "
+                        f"{distributions.DISTRIBUTIONS}, got {distribution!r}.")
   update_every = _as_int("update_every", update_every, 1)
   start_step = _as_int("start_step", start_step, 0)
   end_step = _as_int("end_step", end_step, start_step, f"start_step ({start_step})")

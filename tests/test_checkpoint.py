@@ -244,6 +244,58 @@ def test_corrupted_latest_falls_back_to_previous(tmp_path, caplog, corrupt,
   ckpt.close()
 
 
+def _deny_renames(monkeypatch, step_dir, *, in_place_too: bool):
+  """Renames of ``step_dir`` fail like those of a step folder this user may not write (``chmod 000``
+  as a non-root user): Linux refuses to move such a folder to another parent (it
+  would have to rewrite its ``..``) but renames it within its parent."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  real = type(epath.Path("/")).rename
+
+  def rename(self, target):
+    if str(self) == str(step_dir) and (in_place_too or epath.Path(target).parent != self.parent):
+      raise PermissionError(13, "Permission denied", str(self))
+    return real(self, target)
+
+  monkeypatch.setattr(type(epath.Path("/")), "rename", rename)
+
+
+def test_unmovable_bad_step_is_renamed_in_place(tmp_path, monkeypatch):
+  save_steps(tmp_path, [1, 2])
+  _delete_data_files(tmp_path / "2")
+  _deny_renames(monkeypatch, tmp_path / "2", in_place_too=False)
+  ckpt = Checkpointer(tmp_path)
+  step, _ = ckpt.restore_latest(make_state(0))
+  assert step == 1
+  assert ckpt.all_steps() == [1]
+  renamed = [n for n in os.listdir(tmp_path) if n.startswith(f"{QUARANTINE_DIR}-2.")]
+  assert len(renamed) == 1, os.listdir(tmp_path)
+  assert ckpt.save(2, make_state(2), force=True)  # the step number is free again
+  ckpt.wait_until_finished()
+  assert ckpt.restore_latest(make_state(0))[0] == 2
+  ckpt.close()
+
+
+def test_bad_step_that_cannot_be_renamed_stays_and_is_said(tmp_path, monkeypatch, caplog):
+  save_steps(tmp_path, [1, 2])
+  _delete_data_files(tmp_path / "2")
+  _deny_renames(monkeypatch, tmp_path / "2", in_place_too=True)
+  ckpt = Checkpointer(tmp_path, max_to_keep=None)
+  with caplog.at_level(logging.WARNING, logger="rigl_jax.checkpoint"):
+    step, restored = ckpt.restore_latest(make_state(0))  # no PermissionError
+  assert step == 1
+  assert_bit_identical(restored, make_state(1))
+  assert any("Cannot move bad checkpoint step 2" in r.getMessage() and "skipped" in
+             r.getMessage() for r in caplog.records)
+  assert ckpt.all_steps() == [1, 2]
+  assert not ckpt.save(2, make_state(2), force=True)  # that step exists: not overwritten
+  assert ckpt.save(3, make_state(3), force=True)
+  ckpt.wait_until_finished()
+  step, restored = ckpt.restore_latest(make_state(0))  # the new step wins, no error
+  assert step == 3
+  assert_bit_identical(restored, make_state(3))
+  ckpt.close()
+
+
 def test_all_checkpoints_corrupted_raises(tmp_path):
   save_steps(tmp_path, [1, 2])
   _flip_a_byte_in_largest_data_file(tmp_path / "1")

@@ -135,3 +135,27 @@ def test_random_masks_exact_counts_and_seeded(kind):
 def test_uniform_every_layer_sparse_when_asked():
   s = flat_sparsities(wrn_22_2_kernels(), 0.9, "uniform", uniform_first_layer_dense=False)
   assert all(v == 0.9 for p, v in s.items() if p.endswith("kernel"))
+
+
+def test_core_errors_name_the_argument_not_only_in_their_text():
+  """Callers (the trainer) map ``ArgumentError.argument`` to their own setting."""
+  params = {"a": {"kernel": jnp.zeros((20, 10)), "bias": jnp.zeros(10)}}
+  cases = [(dict(dense=".*"), "dense"), (dict(dense="nomatch"), "dense"),
+           (dict(custom={"nomatch": 0.5}), "custom"), (dict(custom={"a": 2.0}), "custom"),
+           (dict(sparsity=0.9999999), "sparsity"), (dict(sparsity="0.5"), "sparsity"),
+           (dict(kind="erx"), "distribution"), (dict(include=lambda p, l: False), "params")]
+  for overrides, argument in cases:
+    kwargs = {"sparsity": 0.9, "kind": "erk", **overrides}
+    with pytest.raises(rigl_jax.ArgumentError) as info:
+      rigl_jax.sparsity_distribution(params, kwargs.pop("sparsity"), kwargs.pop("kind"),
+                                     **kwargs)
+    assert info.value.argument == argument, (overrides, info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_method_and_distribution_names_come_from_one_list():
+  from rigl_jax import config, distributions, methods, names  # pylint: disable=import-outside-toplevel
+  assert tuple(methods.METHODS) == names.METHOD_NAMES
+  assert distributions.DISTRIBUTIONS == names.DISTRIBUTION_NAMES == config.DISTRIBUTIONS
+  assert config.SPARSE_METHODS == names.METHOD_NAMES + ("lottery",)
+  assert config.CHOICES["method"] == config.DENSE_METHODS + config.SPARSE_METHODS

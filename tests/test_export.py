@@ -57,8 +57,8 @@ def test_file_is_small_and_lossless(trained):
   encodings = {l["path"]: l["encoding"] for l in manifest["layers"]}
   assert encodings["params/fc1/kernel"] == encodings["params/fc2/kernel"] == "bitmap"
   assert encodings["params/fc1/bias"] == "dense"
-  sizes = export.dense_reference_sizes({"params": run.variables["params"]})
-  ratio = os.path.getsize(os.path.join(out_dir, export.MODEL_FILE)) / sizes["dense_npz_bytes"]
+  dense_bytes = export.dense_npz_bytes({"params": run.variables["params"]})
+  ratio = os.path.getsize(os.path.join(out_dir, export.MODEL_FILE)) / dense_bytes
   assert ratio < 0.3
   loaded = export.load_exported(out_dir)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(loaded.variables["params"])[0],
@@ -135,22 +135,37 @@ def test_command_line_prints_one_json_report(trained):
   workdir, _, _, _ = trained
   out = os.path.join(workdir, "cli_export")
   result = subprocess.run(
-      [sys.executable, "-m", "rigl_jax.export", f"--workdir={workdir}", f"--out={out}",
-       "--repeats=5"], capture_output=True, text=True, timeout=300, check=True)
+      [sys.executable, "-m", "rigl_jax.export", f"--workdir={workdir}", f"--out={out}"],
+      capture_output=True, text=True, timeout=300, check=True)
   report = json.loads(result.stdout)
-  for key in ("size_ratio", "predictions_match", "latency_ms", "file_bytes", "dense_npz_bytes",
-              "dense_orbax_bytes", "checkpoint_dir_bytes", "layers"):
+  for key in ("size_ratio", "predictions_match", "file_bytes", "dense_npz_bytes", "layers"):
     assert key in report
   assert report["predictions_match"] is True
   assert report["roundtrip_exact"] is True
   assert report["size_ratio"] < 0.3
   assert report["check_batch"]["source"] == "mnist5k test split"
-  for kind in ("sparse", "dense"):
-    assert set(report["latency_ms"][kind]) == {"1", "128"}
-    assert all(v > 0 for v in report["latency_ms"][kind].values())
+  assert "latency_ms" not in report  # timing is benchmarks/bench_export.py's
   layers = {l["path"]: l for l in report["layers"]}
   assert layers["params/fc1/kernel"]["nnz"] < 0.2 * layers["params/fc1/kernel"]["dense_bytes"] / 4
   assert os.path.isfile(os.path.join(out, export.MODEL_FILE))
+
+
+def test_benchmark_measures_latency_and_sizes(trained):
+  """benchmarks/bench_export.py's measurement on the same export (few repeats)."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  try:
+    import bench_export  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  _, run, out_dir, _ = trained
+  report = bench_export.measure_export(run, out_dir, repeats={1: 3, 128: 3})
+  assert report["predictions_match"] is True
+  for kind in ("sparse", "dense"):
+    assert set(report["latency_ms"][kind]) == {"1", "128"}
+    assert all(v > 0 for v in report["latency_ms"][kind].values())
+  assert report["dense_orbax_bytes"] > report["file_bytes"]
+  assert report["size_ratio_vs_dense_npz_deflated"] < 1.0
+  assert report["checkpoint_dir_bytes"] > 0
 
 
 def test_missing_workdir_is_a_clear_error(tmp_path):

@@ -301,6 +301,83 @@ def test_no_usable_checkpoint_is_one_error_line(reference, tmp_path, cache_env):
   assert line.startswith("error: checkpoints: None of the 3 checkpoint(s)")
 
 
+def _with_file_size_limit(limit_bytes, cmd):
+  """``cmd`` on a full disk, without root: writes past ``limit_bytes`` fail with EFBIG
+  ("File too large") once SIGXFSZ, which would kill the process instead, is ignored.
+  A small Python sets both and execs ``cmd`` (no preexec_fn: the test process runs
+  JAX's threads, and forking it is unsafe)."""
+  setup = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+           f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes})); "
+           "os.execv(sys.argv[1], sys.argv[1:])")
+  return [sys.executable, "-c", setup, *cmd]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(
+    reference, tmp_path, cache_env):
+  workdir = tmp_path / "full"
+  shutil.copytree(reference, workdir)
+  os.remove(workdir / "summary.json")
+  for step in (TOTAL - 40, TOTAL):
+    shutil.rmtree(workdir / "checkpoints" / str(step))
+  log = tmp_path / "full.log"
+  cmd = [sys.executable, "-m", "rigl_jax.main", f"--config={REPO}/configs/quickstart.py",
+         f"--workdir={workdir}", *RUN_ARGS]
+  with open(log, "w") as f:
+    rc = subprocess.run(_with_file_size_limit(50_000, cmd), stdout=f, stderr=subprocess.STDOUT,
+                        env=cache_env, cwd=REPO, timeout=300).returncode
+  text = log.read_text()
+  assert rc == 1, text[-3000:]
+  assert "Traceback" not in text, text[-3000:]
+  [line] = error_lines(text)
+  assert line.startswith(f"error: checkpoints: cannot save a checkpoint in "
+                         f"{workdir / 'checkpoints'}: File too large (writing "), line
+  assert checkpoint_steps(workdir) == [TOTAL - 80]  # the previous step is intact
+  rc, text = run(workdir, env=cache_env)  # space again: resumes from it
+  assert rc == 0, text[-3000:]
+  assert f"Resumed {workdir} at step {TOTAL - 80}" in text
+  assert_same_run(reference, workdir)
+
+
+def test_a_checkpoint_that_would_not_fit_is_refused_before_writing(tmp_path, monkeypatch):
+  from rigl_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, save_interval_steps=1)
+  state = {"w": np.arange(10_000, dtype=np.float32)}
+  assert ckpt.save(1, state)
+  ckpt.wait_until_finished()
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(checkpoint_lib.shutil, "disk_usage",
+                      lambda path: usage._replace(free=1000))
+  with pytest.raises(checkpoint_lib.CheckpointSaveError,
+                     match=r"cannot save step 2 in .*: 0.0 MB free, and a step takes about"):
+    ckpt.save(2, state)
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path)) == ["1"]  # nothing started
+
+
+@pytest.mark.parametrize("process_id", [0, 1])
+def test_a_peer_that_never_connects_is_one_line_after_the_timeout(tmp_path, process_id):
+  """One process of two started (its peer died before connecting): after
+  --init_timeout_s it ends with one error line and exit 1, not jax's SIGABRT."""
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  cmd = [sys.executable, "-m", "rigl_jax.main", f"--config={REPO}/configs/quickstart.py",
+         f"--workdir={tmp_path / 'run'}", "--distributed",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2",
+         f"--process_id={process_id}", "--init_timeout_s=5", "--compilation_cache_dir="]
+  started = time.time()
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert time.time() - started < 60
+  assert "Traceback" not in result.stderr
+  [line] = error_lines(result.stderr)
+  assert line.startswith(f"error: distributed: process {process_id} waited "
+                         f"--init_timeout_s=5 s for every process to join the coordinator at "
+                         f"localhost:{port}"), line
+  assert not (tmp_path / "run").exists()  # nothing written
+
+
 # ----------------------------------------------------------------------------- SIGTERM
 
 

@@ -50,3 +50,26 @@ def test_resumed_run_purges_points_from_its_resume_step(tmp_path):
   assert len(files) == 2
   _, starts = read_scalars(tf, files[-1])
   assert starts == [(10, tf.compat.v1.SessionLog.START)]
+
+
+def test_hparams_of_the_run_read_by_tensorboards_hparams_plugin(tmp_path):
+  """The HParams tab's data: the plugin's own parser reads the session start."""
+  pytest.importorskip("tensorboard")
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  from tensorboard.plugins.hparams import metadata  # pylint: disable=import-outside-toplevel
+  c = small_config(num_train_steps=10, method="set", sparsity=0.8, seed=3)
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"),
+                                           size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  content = acc.PluginTagToContent("hparams")
+  assert list(content) == [metadata.SESSION_START_INFO_TAG]
+  info = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+  hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+             for k, v in info.hparams.items()}
+  assert set(hparams) == set(train.HPARAMS)
+  assert hparams["method"] == "set" and hparams["distribution"] == c.distribution
+  assert hparams["sparsity"] == pytest.approx(0.8) and hparams["seed"] == 3
+  assert hparams["learning_rate"] == pytest.approx(c.learning_rate)
+  assert info.group_name == "run"
+  assert "loss" in acc.Tags()["scalars"]  # the metrics the tab infers from the scalars

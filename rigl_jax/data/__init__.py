@@ -10,6 +10,11 @@ sharded per host.
 | cifar10      | tfds `cifar10`, prepared in data_dir     | 45,000 / 5,000 / 10,000      |
 | cifar100     | tfds `cifar100`, prepared in data_dir    | 45,000 / 5,000 / 10,000      |
 | imagenet2012 | tfds `imagenet2012`, streamed (tf.data)  | 1,271,167 / 10,000 / 50,000  |
+| pystdlib     | Python's stdlib modules as bytes (offline) | whole files, by name hash: 90% / 5% / 5% |
+| wikitext103  | WikiText-103 raw files in data_dir       | wiki.train / valid / test.raw |
+
+The two text sets are character (byte) level language modelling: see
+`rigl_jax.data.text`; `sequence_length` characters per example.
 
 (ImageNet's configs set `validation_size=0`: 1,281,167 train images, as the
 authors trained.)
@@ -36,17 +41,18 @@ Example:
 from __future__ import annotations
 
 from rigl_jax.data import augment as augment_lib
-from rigl_jax.data import builtin, tfds_small
+from rigl_jax.data import builtin, text, tfds_small
 from rigl_jax.data.base import (DATASET_NAMES, EVAL_SPLITS, BatchLayout, DataInfo,
                                 Pipeline, check_seed, check_validation_size)
 from rigl_jax.data.in_memory import ArrayPipeline, carve_validation
 
 __all__ = ["DATASET_NAMES", "EVAL_SPLITS", "BatchLayout", "DataInfo", "Pipeline",
-           "get_pipeline"]
+           "get_pipeline", "input_spec"]
 
 # Default number of examples carved from the end of the train data.
 DEFAULT_VALIDATION_SIZE = {"mnist5k": 500, "mnist1d": 500, "mnist1d_50k": 5000, "mnist": 5000,
-                           "cifar10": 5000, "cifar100": 5000, "imagenet2012": 10_000}
+                           "cifar10": 5000, "cifar100": 5000, "imagenet2012": 10_000,
+                           "pystdlib": -1, "wikitext103": -1}  # text: their own val split
 # Examples in each train split before the validation split is carved off.
 TRAIN_SPLIT_SIZES = {"mnist5k": builtin.MNIST5K_NUM_TRAIN, "mnist1d": 4000,
                      "mnist1d_50k": 40_000, "mnist": 60_000, "cifar10": 50_000,
@@ -66,6 +72,14 @@ _NORMALIZE = {
 }
 
 
+def input_spec(name: str, sequence_length: int = 0) -> tuple[tuple[int, ...], int]:
+  """(shape of one example, number of classes) of data set `name`, without reading it;
+  text sets take their `sequence_length`."""
+  if name in text.TEXT_DATASETS:
+    return (int(sequence_length),), text.VOCAB_SIZE
+  return INPUT_SPECS[name]
+
+
 def train_steps_per_epoch(name: str, batch_size: int, validation_size: int | None = None) -> int:
   """Train steps per epoch of data set `name`, known without reading it (the
   remainder batch is dropped, as the pipelines do)."""
@@ -78,7 +92,7 @@ def get_pipeline(name: str, *, global_batch_size: int, eval_batch_size: int,
                  seed: int, validation_size: int | None = None,
                  data_dir: str | None = None, augmentation: str = "default",
                  process_index: int | None = None,
-                 process_count: int | None = None) -> Pipeline:
+                 process_count: int | None = None, sequence_length: int = 128) -> Pipeline:
   """Builds the input pipeline of dataset `name` for this process.
 
   Args:
@@ -97,6 +111,7 @@ def get_pipeline(name: str, *, global_batch_size: int, eval_batch_size: int,
       "none" turns it off.
     process_index, process_count: default to `jax.process_index()` and
       `jax.process_count()`.
+    sequence_length: characters per example of the text sets.
 
   Raises:
     ValueError: unknown `name`, bad sizes.
@@ -127,6 +142,16 @@ def get_pipeline(name: str, *, global_batch_size: int, eval_batch_size: int,
                        f"{augmentation!r}")
     return ImageNetPipeline(layout, seed, validation_size, data_dir,
                             augment=augmentation == "default")
+
+  if name in text.TEXT_DATASETS:
+    if augmentation not in ("default", "none"):
+      raise ValueError(f"{name} has no augmentation: 'default' or 'none', got "
+                       f"{augmentation!r}")
+    if validation_size not in (-1, 0):
+      raise ValueError(f"{name} has its own validation split: validation_size must be -1 "
+                       f"(use it) or 0 (none), got {validation_size}")
+    return text.TextPipeline(name, text.load_corpus(name, data_dir), layout, seed,
+                             sequence_length, use_validation=validation_size != 0)
 
   if name == "mnist5k":
     train, test = builtin.mnist5k()

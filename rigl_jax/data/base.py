@@ -9,7 +9,8 @@ from typing import Iterator
 
 import numpy as np
 
-DATASET_NAMES = ("mnist5k", "mnist1d", "mnist1d_50k", "mnist", "cifar10", "cifar100", "imagenet2012")
+DATASET_NAMES = ("mnist5k", "mnist1d", "mnist1d_50k", "mnist", "cifar10", "cifar100",
+                 "imagenet2012", "pystdlib", "wikitext103")
 EVAL_SPLITS = ("val", "test")
 
 
@@ -24,6 +25,10 @@ class DataInfo:
     num_train: examples in the train split (after carving off validation).
     num_val: examples in the validation split (0 when there is none).
     num_test: examples in the test split.
+    sequence_length: characters per example of a language-modelling set (labels
+      are then one per character); 0 for classification sets.
+    corpus_digest: SHA-256 of a text corpus ("" otherwise): runs on the same
+      text have the same digest.
   """
 
   name: str
@@ -32,6 +37,8 @@ class DataInfo:
   num_train: int
   num_val: int
   num_test: int
+  sequence_length: int = 0
+  corpus_digest: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
+from rigl_jax import names
 from rigl_jax.launch import grid, local
 
 OK, FAILED, DIVERGED, UNFINISHED, RUNNING, NOT_RUN = (
@@ -45,7 +46,7 @@ METHOD_NAMES = {"small_dense": "Small Dense", "static": "Static", "set": "SET", 
                 "pruning": "Pruning", "pruning_global": "Pruning (global)",
                 "lottery": "Lottery", "dense": "Dense"}
 METHOD_ORDER = tuple(METHOD_NAMES)
-DISTRIBUTION_ORDER = ("uniform", "er", "erk")
+DISTRIBUTION_ORDER = names.DISTRIBUTION_NAMES
 DISTRIBUTION_SUFFIX = {"uniform": "", "er": " (ER)", "erk": " (ERK)"}
 NO_DISTRIBUTION = ("dense", "small_dense")     # methods without a sparsity distribution
 REDISTRIBUTING = ("snfs", "rigl_sg", "rigl_sm")  # per-layer counts move during training

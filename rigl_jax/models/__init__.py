@@ -1,7 +1,9 @@
 """Flax (linen) models and a name -> model registry.
 
 Every model is called as `model.apply(variables, x, train=bool, mutable=[...])`
-with NHWC float input (the MLP flattens any input) and returns float32 logits.
+with NHWC float input (the MLP flattens any input) and returns float32 logits;
+the language models (`LANGUAGE_MODELS`) take byte ids `[batch, length]` and return
+logits `[batch, length, 256]`.
 BatchNorm statistics live in the `batch_stats` collection, so a training call
 needs `mutable=['batch_stats']`. Naming rule the sparse-training core relies
 on: the input layer's kernel is the first `kernel` leaf of
@@ -22,6 +24,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rigl_jax.models.charlm import (CharGRU, CharTransformer, char_gru, char_gru_small,
+                                    char_transformer_small)
 from rigl_jax.models.layers import scale_width
 from rigl_jax.models.lenet5 import LeNet5
 from rigl_jax.models.mlp import LeNet300100
@@ -46,9 +50,14 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet50_cifar": resnet50_cifar,
     "resnet50_imagenet": resnet50_imagenet,
     "mobilenet_v1": MobileNetV1,
+    # Character-level language models (byte ids in, next-byte logits out).
+    "char_gru": char_gru,
+    "char_gru_small": char_gru_small,
+    "char_transformer_small": char_transformer_small,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+LANGUAGE_MODELS = ("char_gru", "char_gru_small", "char_transformer_small")
 # Models with dropout, and their reference rate (the default of `get_model`).
 DROPOUT_MODELS: dict[str, float] = {"wrn_22_2": 0.3}
 
@@ -91,5 +100,6 @@ def get_model(name: str, *, num_classes: int, width_multiplier: float = 1.0,
 __all__ = [
     "MODEL_NAMES", "DROPOUT_MODELS", "get_model", "scale_width", "LeNet300100", "LeNet5",
     "WideResNet", "WideResNetBlock", "ResNet", "BottleneckBlock",
-    "resnet50_cifar", "resnet50_imagenet", "MobileNetV1",
+    "resnet50_cifar", "resnet50_imagenet", "MobileNetV1", "LANGUAGE_MODELS", "CharGRU",
+    "CharTransformer",
 ]

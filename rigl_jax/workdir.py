@@ -1,0 +1,198 @@
+"""What a run keeps in its workdir, besides checkpoints and the run log.
+
+::
+
+    WORKDIR/
+      config.json      the config; a rerun with another config is refused (the guard)
+      summary.json     the final numbers of a finished run
+      initial_params/  the params at step 0 (a lottery ticket restarts from them)
+      final_masks/     the masks at the end (a lottery ticket's masks)
+      checkpoints/     rigl_jax.checkpoint
+      metrics.jsonl    rigl_jax.run_log
+      tensorboard/     rigl_jax.run_log
+
+Other runs read two of them: a lottery ticket its source run's masks, initial
+params and training cost (:func:`load_lottery_source`), and a re-initialised run
+its source run's final layer densities (:func:`densities_from_run`). Every problem
+is a :class:`rigl_jax.config.ConfigError` naming the field or ``workdir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+
+from rigl_jax import config as config_lib
+
+# What the trainer writes in a workdir: name -> whether it is a directory.
+ENTRIES = {"config.json": False, "metrics.jsonl": False, "summary.json": False,
+           "checkpoints": True, "tensorboard": True, "initial_params": True,
+           "final_masks": True}
+
+# Fields that may change when a run is resumed: they do not change its numbers.
+RESUMABLE_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "overwrite",
+                    "data_dir", "eval_every")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes a temporary file and renames it: a kill leaves the old file or the new one."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def read_json(path: str, field: str) -> dict:
+  """A JSON object from a file; a damaged file is a ConfigError naming ``field``."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(f"config.{field}: cannot read {path}: {e}") from None
+  if not isinstance(obj, dict):
+    raise config_lib.ConfigError(f"config.{field}: {path} does not hold a JSON object")
+  return obj
+
+
+def config_dict(c) -> dict:
+  return json.loads(c.to_json_best_effort())
+
+
+def save_tree(directory: str, tree) -> None:
+  """A small side checkpoint (initial params, final masks), written atomically by orbax.
+  Every process calls it: orbax saves are collective (the primary process writes)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(directory), tree, force=True)
+
+
+def load_tree(directory: str, target):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.abspath(directory), target)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_path(workdir: str) -> None:
+  """Refuses a workdir that cannot be created or holds the wrong kind of entry, before
+  any directory is made (a failed ``os.makedirs`` would leave its parents behind)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"workdir: {workdir!r} exists and is not a directory")
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  try:
+    name_max = os.pathconf(existing, "PC_NAME_MAX")
+  except (OSError, ValueError):
+    name_max = 255
+  for part in path.split(os.sep):
+    if len(os.fsencode(part)) > name_max:
+      raise config_lib.ConfigError(
+          f"workdir: the path component {part[:32]!r}... is {len(os.fsencode(part))} bytes "
+          f"long; this file system allows {name_max}")
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    if existing != path:
+      raise config_lib.ConfigError(f"workdir: cannot create {workdir!r}: {existing!r} is not "
+                                   f"a writable directory")
+  for name, is_dir in ENTRIES.items():
+    entry = os.path.join(workdir, name)
+    if os.path.exists(entry) and os.path.isdir(entry) != is_dir:
+      raise config_lib.ConfigError(
+          f"workdir: {entry} must be a {'directory' if is_dir else 'file'}; move it away or "
+          f"use another workdir")
+
+
+def check_config(c, workdir: str) -> None:
+  """The guard: refuses a workdir holding a run of another config (unless ``overwrite``)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path) or c.overwrite:
+    return
+  saved = read_json(path, "overwrite")
+  asked = config_dict(c)
+  diff = sorted(k for k in set(saved) | set(asked)
+                if k not in RESUMABLE_FIELDS and saved.get(k) != asked.get(k))
+  if diff:
+    k = diff[0]
+    raise config_lib.ConfigError(
+        f"config.{k}: the workdir {workdir} holds a run with {k}={saved.get(k)!r}, not "
+        f"{asked.get(k)!r} (differing fields: {', '.join(diff)}); use another workdir or "
+        f"--config.overwrite=True")
+
+
+def create(c, workdir: str) -> None:
+  """Makes the workdir and writes ``config.json`` (process 0)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise config_lib.ConfigError(f"workdir: cannot create {workdir!r}: {e.strerror}") from None
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, "config.json"), config_dict(c))
+
+
+def write_summary(workdir: str, summary: dict) -> None:
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+
+
+# ----------------------------------------------------------------------------- other runs
+
+
+def load_lottery_source(c, params_shape):
+  """The final masks, the initial params and the training cost (``train_flops``,
+  ``train_flops_multiplier`` of its summary) of the pruning run in ``source_workdir``:
+  a lottery ticket's training cost includes that run, as in the report's Table 2."""
+  source = c.source_workdir
+
+  def require(name):
+    if not os.path.exists(os.path.join(source, name)):
+      raise config_lib.ConfigError(
+          f"config.source_workdir: {source!r} has no {name}; it must be the workdir of a "
+          f"finished sparse run (e.g. method 'pruning')")
+
+  require("config.json")
+  source_config = read_json(os.path.join(source, "config.json"), "source_workdir")
+  for field in ("model", "dataset"):
+    if source_config.get(field) != c[field]:
+      raise config_lib.ConfigError(
+          f"config.source_workdir: the source run trained {field}="
+          f"{source_config.get(field)!r}, this run asks for {c[field]!r}")
+  for name in ("summary.json", "final_masks", "initial_params"):
+    require(name)
+  mask_target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bool_), params_shape)
+  summary = read_json(os.path.join(source, "summary.json"), "source_workdir")
+  cost = {}
+  for key in ("train_flops", "train_flops_multiplier"):
+    if not isinstance(summary.get(key), (int, float)):
+      raise config_lib.ConfigError(
+          f"config.source_workdir: {source!r}/summary.json has no number {key!r}")
+    cost[key] = float(summary[key])
+  masks = load_tree(os.path.join(source, "final_masks"), mask_target)
+  initial = load_tree(os.path.join(source, "initial_params"), None)
+  return masks, initial, cost
+
+
+def densities_from_run(c) -> dict[str, float]:
+  """Per-layer sparsities read from a finished run's ``summary.json`` (the report's
+  re-initialisation experiment): one anchored regex per layer, so every layer leaves
+  the budget with exactly the density it ended with (dense ones at 0.0)."""
+  path = os.path.join(c.distribution_source, "summary.json")
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(
+        f"config.distribution_source: {c.distribution_source!r} has no summary.json; it "
+        f"must be the workdir of a finished sparse run")
+  summary = read_json(path, "distribution_source")
+  if summary.get("model") != c.model or not summary.get("layer_densities"):
+    raise config_lib.ConfigError(
+        f"config.distribution_source: the run in {c.distribution_source!r} trained a sparse "
+        f"{summary.get('model')!r}; this run needs a sparse {c.model!r} run")
+  return {f"^{re.escape(p)}$": 1.0 - d for p, d in summary["layer_densities"].items()}
