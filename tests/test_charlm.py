@@ -249,3 +249,21 @@ def test_language_models_only_with_text_data():
     config_lib.validate(lm_config(model="lenet_300_100"))
   with pytest.raises(config_lib.ConfigError, match=r"config\.validation_size"):
     config_lib.validate(lm_config(validation_size=100))
+
+
+def test_paper_gru_has_the_papers_shapes():
+  """Embedding 256 x 128 (shared with the output), GRU 512 (input and recurrent
+  matrices of 3 x 512 gates), readout 512 -> 256 -> 128."""
+  model = models.get_model("char_gru", num_classes=256)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4))))["params"]
+  shapes = {masks.path_to_str(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  assert shapes == {"embed/embedding": (256, 128), "gru_input/kernel": (128, 1536),
+                    "gru_input/bias": (1536,), "gru_recurrent/kernel": (512, 1536),
+                    "gru_recurrent/bias": (1536,), "readout_0/kernel": (512, 256),
+                    "readout_0/bias": (256,), "readout_1/kernel": (256, 128),
+                    "readout_1/bias": (128,)}
+  small = models.get_model("char_gru", num_classes=256, width_multiplier=0.5)
+  small_params = jax.eval_shape(lambda: small.init(jax.random.key(0), jnp.zeros((1, 4))))
+  assert small_params["params"]["gru_recurrent"]["kernel"].shape == (256, 768)
+  assert small_params["params"]["embed"]["embedding"].shape == (256, 128)  # shared: kept

@@ -512,3 +512,24 @@ def test_one_seed_shows_no_spread():
 
   assert report.accuracy_text(cell(0.919)) == "91.90 (n=1)"
   assert report.accuracy_text(cell(0.92, 0.93)) == "92.50 ± 0.71 (n=2)"
+
+
+def test_language_model_sweeps_report_bits_per_char(tmp_path):
+  """A sweep whose runs have test_bits_per_char is tabled and plotted in it."""
+  sweep = tmp_path / "sweep"
+  for method, sparsity, bits in (("dense", 0.0, 2.0), ("rigl", 0.75, 2.25),
+                                 ("rigl", 0.75, 2.35), ("static", 0.75, 2.5)):
+    workdir = sweep / f"method={method},sparsity={sparsity},seed={int(bits * 100)}"
+    workdir.mkdir(parents=True)
+    summary = {"method": method, "distribution": "erk", "sparsity": sparsity,
+               "seed": int(bits * 100), "train_multiplier": 1.0, "test_accuracy": 0.5,
+               "test_bits_per_char": bits, "train_flops_multiplier": 0.3,
+               "test_flops_multiplier": 0.3, "global_density": 0.25, "layer_densities": {}}
+    (workdir / "summary.json").write_text(json.dumps(summary))
+  out = report.build_report(str(sweep), str(tmp_path / "out"))
+  table = (tmp_path / "out" / "table.md").read_text()
+  assert "75% sparse: Bits per char (Test)" in table and "lower is better" in table
+  assert "| RigL (ERK) | 2.30 ± 0.07 (n=2) |" in table
+  assert "| Dense |  |  | 2.00 (n=1) |" in table
+  assert os.path.exists(tmp_path / "out" / "bits_per_char_vs_sparsity.png")
+  assert "bits_per_char_vs_train_flops.png" in out["files"]

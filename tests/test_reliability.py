@@ -616,6 +616,8 @@ def test_bad_run_input_raises_before_writing(tmp_path, name, overrides, expected
 # Every field of the shared config with a value of the wrong type or out of range.
 _BAD_FIELDS = [
     ("model", "resnet9"), ("model", 3), ("dataset", "svhn"), ("validation_size", -2),
+    ("sequence_length", 0), ("sequence_length", 12.5), ("optimizer", "adamw"),
+    ("grad_clip_norm", -1.0), ("grad_clip_norm", float("nan")),
     ("validation_size", 1.5), ("dtype", "float16"), ("method", "magic"),
     ("distribution", "normal"), ("sparsity", 1.0), ("sparsity", "0.5"), ("sparsity", True),
     ("sparsity", float("nan")), ("update_every", 0), ("update_every", 2.0),

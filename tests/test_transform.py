@@ -334,7 +334,7 @@ def test_skip_step_moves_only_the_sparse_step():
 
 
 def test_core_imports_jax_optax_numpy_only():
-  core = ["masks", "distributions", "schedules", "selection", "methods", "transform"]
+  core = ["masks", "names", "distributions", "schedules", "selection", "methods", "transform"]
   code = ("import sys; import " + ", ".join(f"rigl_jax.{m}" for m in core) + "; "
           "print(sorted({m.split('.')[0] for m in sys.modules}))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -342,3 +342,11 @@ def test_core_imports_jax_optax_numpy_only():
   # (absl is not in the list: optax itself imports it.)
   for heavy in ("flax", "tensorflow", "orbax", "ml_collections", "tensorflow_datasets"):
     assert heavy not in loaded, f"the core imports {heavy}"
+
+
+def test_names_module_imports_nothing():
+  """config.py (and so --help) reads the method and distribution names from it."""
+  code = ("import sys; before = set(sys.modules); import rigl_jax.names; "
+          "print(sorted(m for m in set(sys.modules) - before))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert eval(out.stdout) == ["rigl_jax", "rigl_jax.names"]  # pylint: disable=eval-used

@@ -14,8 +14,8 @@ Two corpora:
   (SHA-256 of the three splits) is recorded in ``summary.json``.
 * ``wikitext103``: WikiText-103's raw character-level files, read from
   ``data_dir`` (``wiki.train.raw``, ``wiki.valid.raw``, ``wiki.test.raw`` of
-  ``wikitext-103-raw-v1.zip``, unzipped). Nothing is downloaded; tfds has no
-  WikiText-103 builder.
+  ``wikitext-103-raw-v1.zip``, unzipped). Nothing is downloaded; tfds (4.9.10)
+  has no WikiText builder to read it from instead.
 
 Training examples are windows of ``sequence_length + 1`` bytes at offsets drawn
 from ``default_rng([seed, 2, step])``: a pure function of (seed, step), so a

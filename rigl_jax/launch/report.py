@@ -6,12 +6,14 @@ and ``metrics.jsonl``. Writes into RESULTS_DIR:
 
 - ``table.md``, ``table.csv``: the layout of the report's Tables 2 and 3. One row per
   method + distribution (+ training multiplier, + any other field the sweep varies);
-  per sparsity the test accuracy (%), mean +- sample std over the finished seeds with
+  per sparsity the test accuracy (%; for language models the test bits per character),
+  mean +- sample std over the finished seeds with
   their count, and the (train, test) FLOP multipliers (means over seeds). A run that
   has no summary, failed, diverged or has a non-finite accuracy is counted in its
   cell as such, and listed under "Runs without a result"; none is dropped.
 - ``runs.csv``: one line per run, raw numbers and status.
-- ``accuracy_vs_sparsity.png``, ``accuracy_vs_train_flops.png``: per row.
+- ``accuracy_vs_sparsity.png``, ``accuracy_vs_train_flops.png``: per row (language models:
+  ``bits_per_char_vs_sparsity.png``, ``bits_per_char_vs_train_flops.png``).
 - ``layer_densities.png``: per-layer density of uniform / ER / ERK (from the runs'
   ``layer_densities``), one panel per sparsity.
 - ``redistribution_*.png`` when the sweep has snfs / rigl_sg / rigl_sm runs: training
@@ -237,10 +239,38 @@ def _row_sort_key(key: tuple, keys: Sequence[str]):
           _rank(METHOD_ORDER, method), str(method))
 
 
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """The number a table reports: a key of ``summary.json``, shown times ``scale``."""
+  key: str
+  scale: float
+  name: str       # "test accuracy"
+  unit: str       # "%"
+  better: str     # "higher" or "lower"
+  slug: str       # in file names
+
+  @property
+  def title(self) -> str:
+    return self.name + (f" ({self.unit})" if self.unit else "")
+
+
+ACCURACY = Metric("test_accuracy", 100.0, "test accuracy", "%", "higher", "accuracy")
+BITS_PER_CHAR = Metric("test_bits_per_char", 1.0, "test bits per character", "", "lower",
+                       "bits_per_char")
+
+
+def metric_of(results: Sequence[RunResult]) -> Metric:
+  """Bits per character for a language-modelling sweep, else test accuracy."""
+  if any(_finite((r.summary or {}).get("test_bits_per_char")) for r in results):
+    return BITS_PER_CHAR
+  return ACCURACY
+
+
 @dataclasses.dataclass
 class Cell:
   """The runs of one row at one sparsity."""
   runs: list
+  metric: Metric = ACCURACY
 
   @property
   def finished(self) -> list:
@@ -251,15 +281,22 @@ class Cell:
 
   @property
   def accuracies(self) -> list[float]:
-    """Test accuracies in percent of the finished runs."""
-    return [100.0 * a for a in self.values("test_accuracy")]
+    """The metric of the finished runs, scaled (test accuracy: in percent)."""
+    return [self.metric.scale * a for a in self.values(self.metric.key)]
 
-  def mean(self, key: str = "test_accuracy", scale: float = 1.0) -> float | None:
+  def mean(self, key: str | None = None, scale: float | None = None) -> float | None:
+    """Mean of ``key`` (default: the metric, scaled) over the finished runs."""
+    if key is None:
+      key, scale = self.metric.key, self.metric.scale if scale is None else scale
+    scale = 1.0 if scale is None else scale
     values = self.values(key)
     return scale * statistics.fmean(values) if values else None
 
-  def std(self, key: str = "test_accuracy", scale: float = 1.0) -> float | None:
+  def std(self, key: str | None = None, scale: float | None = None) -> float | None:
     """Sample standard deviation (n - 1); 0.0 for one run, None for none."""
+    if key is None:
+      key, scale = self.metric.key, self.metric.scale if scale is None else scale
+    scale = 1.0 if scale is None else scale
     values = self.values(key)
     if not values:
       return None
@@ -282,8 +319,11 @@ class Row:
   cells: dict        # sparsity -> Cell
 
 
-def build_rows(results: Sequence[RunResult]) -> tuple[list[Row], list[float]]:
-  """Rows (sorted as in the report) and the sparsity columns (descending)."""
+def build_rows(results: Sequence[RunResult], metric: Metric | None = None
+               ) -> tuple[list[Row], list[float]]:
+  """Rows (sorted as in the report) and the sparsity columns (descending); the cells
+  report ``metric`` (default: ``metric_of(results)``)."""
+  metric = metric or metric_of(results)
   keys = row_fields(results)
   groups = {}
   for r in results:
@@ -292,7 +332,7 @@ def build_rows(results: Sequence[RunResult]) -> tuple[list[Row], list[float]]:
   for key in sorted(groups, key=lambda k: _row_sort_key(k, keys)):
     cells = {}
     for r in groups[key]:
-      cells.setdefault(column_of(r), Cell([])).runs.append(r)
+      cells.setdefault(column_of(r), Cell([], metric)).runs.append(r)
     rows.append(Row(key, row_label(key, keys), dict(zip(keys, key)), cells))
   columns = sorted({s for row in rows for s in row.cells}, reverse=True)
   return rows, columns
@@ -315,9 +355,9 @@ def accuracy_text(cell: Cell | None) -> str:
   if not n:
     return problems or "no runs"
   if n == 1:  # one seed has no spread to show
-    text = f"{cell.mean(scale=100):.2f} (n=1"
+    text = f"{cell.mean():.2f} (n=1"
   else:
-    text = f"{cell.mean(scale=100):.2f} ± {cell.std(scale=100):.2f} (n={n}"
+    text = f"{cell.mean():.2f} ± {cell.std():.2f} (n={n}"
   return text + (f"; {problems})" if problems else ")")
 
 
@@ -331,14 +371,16 @@ def flops_text(cell: Cell | None) -> str:
 
 
 def markdown(rows: Sequence[Row], columns: Sequence[float], results: Sequence[RunResult],
-             title: str) -> str:
+             title: str, metric: Metric = ACCURACY) -> str:
   header = ["Method"]
+  column = "Accuracy (Test)" if metric == ACCURACY else "Bits per char (Test)"
   for s in columns:
-    header += [f"{_column_title(s)}: Accuracy (Test)", f"{_column_title(s)}: FLOPs (Train, Test)"]
+    header += [f"{_column_title(s)}: {column}", f"{_column_title(s)}: FLOPs (Train, Test)"]
   lines = [f"# {title}", "",
-           "Test accuracy in %: mean ± sample standard deviation over the finished seeds "
-           "(n); FLOPs: training and inference FLOPs as multiples of the dense model's, "
-           "means over seeds. Runs without a result are counted in their cell.", "",
+           f"{metric.title[0].upper() + metric.title[1:]}, {metric.better} is better: mean "
+           "± sample standard deviation over the finished seeds (n); FLOPs: training and "
+           "inference FLOPs as multiples of the dense model's, means over seeds. Runs "
+           "without a result are counted in their cell.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in rows:
     cells = [row.label]
@@ -366,8 +408,8 @@ def table_csv_rows(rows: Sequence[Row], columns: Sequence[float]) -> list[dict]:
       cell = row.cells.get(s)
       finished = cell.finished if cell else []
       record.update({
-          f"acc_mean@{s:g}": cell.mean(scale=100) if finished else "",
-          f"acc_std@{s:g}": cell.std(scale=100) if finished else "",
+          f"acc_mean@{s:g}": cell.mean() if finished else "",
+          f"acc_std@{s:g}": cell.std() if finished else "",
           f"n@{s:g}": len(cell.accuracies) if cell else 0,
           f"not_ok@{s:g}": sum(cell.problems.values()) if cell else 0,
           f"train_flops@{s:g}": cell.mean("train_flops_multiplier") if finished else "",
@@ -379,7 +421,8 @@ def table_csv_rows(rows: Sequence[Row], columns: Sequence[float]) -> list[dict]:
 
 
 RUN_COLUMNS = ("name", "status", "detail", "method", "distribution", "sparsity",
-               "train_multiplier", "seed", "test_accuracy", "val_accuracy", "global_density",
+               "train_multiplier", "seed", "test_accuracy", "val_accuracy",
+               "test_bits_per_char", "global_density",
                "train_flops_multiplier", "test_flops_multiplier", "steps", "wall_time_s")
 
 
@@ -426,6 +469,10 @@ def _save(fig, path: str) -> str:
   return path
 
 
+def _metric_of_rows(rows: Sequence[Row]) -> Metric:
+  return next((c.metric for row in rows for c in row.cells.values()), ACCURACY)
+
+
 def plot_accuracy_vs_sparsity(rows: Sequence[Row], path: str) -> str | None:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -436,19 +483,20 @@ def plot_accuracy_vs_sparsity(rows: Sequence[Row], path: str) -> str | None:
       continue
     if row.fields.get("method") == "dense":
       for s, c in points:
-        ax.axhline(c.mean(scale=100), color="k", ls="--", lw=1, label=f"{row.label} (dense)")
+        ax.axhline(c.mean(), color="k", ls="--", lw=1, label=f"{row.label} (dense)")
       drawn = True
       continue
     xs = [s for s, _ in points]
-    ax.errorbar(xs, [c.mean(scale=100) for _, c in points], yerr=[c.std(scale=100) for _, c in points],
+    ax.errorbar(xs, [c.mean() for _, c in points], yerr=[c.std() for _, c in points],
                 marker="o", capsize=3, label=row.label)
     drawn = True
   if not drawn:
     plt.close(fig)
     return None
   ax.set_xlabel("sparsity")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title("Test accuracy vs sparsity (mean ± std over seeds)")
+  metric = _metric_of_rows(rows)
+  ax.set_ylabel(metric.title)
+  ax.set_title(f"{metric.name.capitalize()} vs sparsity (mean ± std over seeds)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
   return _save(fig, path)
@@ -463,7 +511,7 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str) -> str | None:
     for s, cell in sorted(row.cells.items()):
       flops = cell.mean("train_flops_multiplier")
       if cell.accuracies and flops is not None:
-        points.append((flops, cell.mean(scale=100), cell.std(scale=100), s))
+        points.append((flops, cell.mean(), cell.std(), s))
     if not points:
       continue
     points.sort()
@@ -484,8 +532,9 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str) -> str | None:
   ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}x"))
   ax.xaxis.set_minor_formatter(ticker.NullFormatter())
   ax.set_xlabel("training FLOPs (multiple of dense training)")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title("Test accuracy vs training FLOPs (labels: sparsity)")
+  metric = _metric_of_rows(rows)
+  ax.set_ylabel(metric.title)
+  ax.set_title(f"{metric.name.capitalize()} vs training FLOPs (labels: sparsity)")
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7, ncol=2)
   return _save(fig, path)
@@ -624,20 +673,21 @@ def build_report(sweep_dir: str, out_dir: str, title: str | None = None) -> dict
   if not results:
     raise ValueError(f"no runs found in {sweep_dir}")
   os.makedirs(out_dir, exist_ok=True)
-  rows, columns = build_rows(results)
+  metric = metric_of(results)
+  rows, columns = build_rows(results, metric)
   manifest = grid.read_manifest(sweep_dir) or {}
   title = title or (f"{os.path.basename(manifest.get('config', ''))} sweep: "
                     f"{os.path.abspath(sweep_dir)}")
   files = {"table.md": os.path.join(out_dir, "table.md")}
   with open(files["table.md"], "w") as f:
-    f.write(markdown(rows, columns, results, title))
+    f.write(markdown(rows, columns, results, title, metric))
   files["table.csv"] = os.path.join(out_dir, "table.csv")
   _write_csv(files["table.csv"], table_csv_rows(rows, columns))
   files["runs.csv"] = os.path.join(out_dir, "runs.csv")
   _write_csv(files["runs.csv"], run_csv_rows(results))
   plots = {
-      "accuracy_vs_sparsity.png": lambda p: plot_accuracy_vs_sparsity(rows, p),
-      "accuracy_vs_train_flops.png": lambda p: plot_accuracy_vs_flops(rows, p),
+      f"{metric.slug}_vs_sparsity.png": lambda p: plot_accuracy_vs_sparsity(rows, p),
+      f"{metric.slug}_vs_train_flops.png": lambda p: plot_accuracy_vs_flops(rows, p),
       "layer_densities.png": lambda p: plot_layer_densities(results, p),
   }
   for name, plot in plots.items():
