@@ -267,3 +267,25 @@ def test_paper_gru_has_the_papers_shapes():
   small_params = jax.eval_shape(lambda: small.init(jax.random.key(0), jnp.zeros((1, 4))))
   assert small_params["params"]["gru_recurrent"]["kernel"].shape == (256, 768)
   assert small_params["params"]["embed"]["embedding"].shape == (256, 128)  # shared: kept
+
+
+def test_bits_per_char_in_metrics_jsonl_and_tensorboard(tmp_path):
+  pytest.importorskip("tensorboard")
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  summary = train.train_and_evaluate(
+      lm_config(validation_size=-1, eval_every=30, method="static"), str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(l) for l in f]
+  train_records = [r for r in records if "loss" in r]
+  assert all(r["bits_per_char"] == pytest.approx(r["loss"] / math.log(2), rel=1e-5)
+             for r in train_records)
+  [val] = [r for r in records if "val_bits_per_char" in r]
+  assert val["step"] == 30 and val["val_bits_per_char"] == pytest.approx(
+      val["val_loss"] / math.log(2))
+  assert summary["val_bits_per_char"] == pytest.approx(summary["val_loss"] / math.log(2))
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  acc.Reload()
+  tags = set(acc.Tags()["scalars"])
+  assert {"bits_per_char", "val/bits_per_char", "test/bits_per_char"} <= tags
+  [test] = acc.Scalars("test/bits_per_char")
+  assert test.step == 60 and test.value == pytest.approx(summary["test_bits_per_char"], rel=1e-6)
