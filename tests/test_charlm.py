@@ -26,7 +26,7 @@ def lm_config(**overrides):
   c.dataset = "pystdlib"
   c.sequence_length = 16
   c.batch_size = 16
-  c.eval_batch_size = 512
+  c.eval_batch_size = 2048
   c.num_train_steps = 60
   c.end_step = 45
   c.optimizer = "adam"
@@ -208,6 +208,7 @@ def test_transformer_trains_under_rigl(tmp_path):
   assert summary["layer_densities"]["block0_mlp1/kernel"] < 0.5
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
   whole = train.train_and_evaluate(lm_config(method="rigl"), str(tmp_path / "whole"))
   part = tmp_path / "part"
