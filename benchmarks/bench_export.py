@@ -39,7 +39,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from rigl_jax import export, train
+from rigl_jax import checkpoint, export, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("lenet_300_100", "lenet5")
@@ -67,12 +67,6 @@ def quickstart_config(model: str, sparsity: float, steps: int | None):
   return c
 
 
-def _dir_bytes(path: str) -> int:
-  """Total size of the files under ``path``."""
-  return sum(os.path.getsize(os.path.join(root, name))
-             for root, _, names in os.walk(path) for name in names)
-
-
 def dense_reference_sizes(variables: dict) -> dict[str, int]:
   """Bytes of the same (dense, masked) variables saved densely: as a deflated ``.npz``
   (np.savez_compressed, the export's own container, which already squeezes zeros) and
@@ -86,7 +80,7 @@ def dense_reference_sizes(variables: dict) -> dict[str, int]:
     sizes = {"dense_npz_deflated_bytes": os.path.getsize(file)}
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, "orbax"), variables)
-    sizes["dense_orbax_bytes"] = _dir_bytes(os.path.join(tmp, "orbax"))
+    sizes["dense_orbax_bytes"] = checkpoint.dir_bytes(os.path.join(tmp, "orbax"))
   return sizes
 
 
@@ -122,7 +116,8 @@ def measure_export(run, out_dir: str, *, conv: str = "dense", batch_sizes=(1, 12
   exported = export.load_exported(out_dir, conv=conv)
   sizes = dense_reference_sizes(export.masked_reference(run))
   ckpt_dir = os.path.join(run.workdir, "checkpoints", str(run.step))
-  sizes["checkpoint_dir_bytes"] = _dir_bytes(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+  sizes["checkpoint_dir_bytes"] = (checkpoint.dir_bytes(ckpt_dir) if os.path.isdir(ckpt_dir)
+                                   else None)
   images, _ = export.check_batch(run)
   repeats = repeats or {}
   latency = {"sparse": {}, "dense": {}}

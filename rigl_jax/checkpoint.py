@@ -86,7 +86,8 @@ class CheckpointSaveError(RuntimeError):
   before it are intact: orbax commits a step by renaming its temporary folder."""
 
 
-def _dir_bytes(path: str) -> int:
+def dir_bytes(path: str) -> int:
+  """Total size of the files under ``path`` (a step's size on disk)."""
   return sum(os.path.getsize(os.path.join(root, name))
              for root, _, names in os.walk(path) for name in names)
 
@@ -338,7 +339,7 @@ class Checkpointer:
     if "://" in directory or latest is None:
       return
     try:
-      needed = _dir_bytes(os.path.join(directory, str(latest)))
+      needed = dir_bytes(os.path.join(directory, str(latest)))
       free = shutil.disk_usage(directory).free
     except OSError:
       return

@@ -79,9 +79,11 @@ class RunLog:
   """
 
   def __init__(self, workdir: str, start_step: int, total_steps: int, *,
-               hparams: dict | None = None, warn_skipped: bool = False):
+               hparams: dict | None = None, warn_skipped: bool = False,
+               bits_per_char: bool = False):
     self.total_steps = total_steps
     self.warn_skipped = warn_skipped
+    self.bits_per_char = bits_per_char  # language models: the loss also in bits per char
     self.metrics = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
     self.events = None
     if jax.process_index() == 0:
@@ -103,10 +105,6 @@ class RunLog:
     else:
       self._timed_steps += 1
 
-  def pending_mean(self, name: str) -> float:
-    """The mean of one metric over the steps added since the last record."""
-    return float(np.mean(jax.device_get([m[name] for m in self.pending])))
-
   def _scalars(self, step: int, scalars: dict) -> None:
     if self.events is not None:
       self.events.write(step, {k: v for k, v in scalars.items()
@@ -127,6 +125,8 @@ class RunLog:
         "nonfinite": int(sum(m["nonfinite"] for m in host)),
         **state_fields,
     }
+    if self.bits_per_char:
+      record["bits_per_char"] = record["loss"] / math.log(2)
     self.metrics.write(record)
     self._scalars(step, {k: v for k, v in record.items()
                          if k not in ("step", "layer_densities")})

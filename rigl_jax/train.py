@@ -350,6 +350,7 @@ class Setup(NamedTuple):
   dense_flops: float       # forward FLOPs per example of the dense reference model
   initial_params: Any      # lottery: the source run's initial params, else None
   source_cost: dict | None  # lottery: the source run's training cost, else None
+  drop_fraction_fn: Any    # step -> the drop fraction of the mask update at that step
 
 
 def check_sparse_optimizer(tx, params_shape) -> None:
@@ -405,7 +406,10 @@ def setup(c: ml_collections.ConfigDict, workdir: str) -> Setup:
                sparse=sparse, costs=flops_lib.model_costs(model, info.input_shape),
                dense_flops=flops_lib.reference_dense_flops(c, info.num_classes,
                                                           info.input_shape),
-               initial_params=initial_params, source_cost=source_cost)
+               initial_params=initial_params, source_cost=source_cost,
+               drop_fraction_fn=schedules.make_drop_fraction_fn(
+                   c.drop_schedule, initial=c.drop_fraction, start_step=c.start_step,
+                   end_step=end))
 
 
 def init_fn(s: Setup):
@@ -460,19 +464,16 @@ def flops_method(c) -> str:
   return {"pruning_global": "pruning", "lottery": "static"}.get(c.method, c.method)
 
 
-def state_fields(s: Setup, state: TrainState, step: int, log: run_log.RunLog) -> dict:
-  """What the log records of the state after ``step``: densities, training FLOPs,
-  the drop fraction in force, and for text the training loss in bits per character."""
-  c = s.config
+DROP_AND_GROW_METHODS = ("set", "rigl", "snfs", "rigl_sg", "rigl_sm")
+
+
+def state_fields(s: Setup, state: TrainState, step: int) -> dict:
+  """What the log records of the state after ``step``: densities, training FLOPs and
+  the drop fraction in force."""
   masks = masks_of(s, state)
-  drop_fn = schedules.make_drop_fraction_fn(
-      c.drop_schedule, initial=c.drop_fraction, start_step=c.start_step,
-      end_step=config_lib.end_step(c, s.total_steps))
   fields = {
-      "drop_fraction": (float(drop_fn(step - 1)) if c.method in DROP_AND_GROW_METHODS
-                        else 0.0),
-      **({"bits_per_char": log.pending_mean("loss") / math.log(2)}
-         if s.pipeline.info.sequence_length else {}),
+      "drop_fraction": (float(s.drop_fraction_fn(step - 1)) if s.config.method in
+                        DROP_AND_GROW_METHODS else 0.0),
       "global_density": masks_lib.global_density(masks) if s.sparse else 1.0,
       "train_flops": training_flops(s, state)[0],
   }
@@ -481,9 +482,6 @@ def state_fields(s: Setup, state: TrainState, step: int, log: run_log.RunLog) ->
         k: v for (k, v), m in zip(masks_lib.layer_densities(masks).items(),
                                   jax.tree.leaves(masks)) if m.ndim >= 2}
   return fields
-
-
-DROP_AND_GROW_METHODS = ("set", "rigl", "snfs", "rigl_sg", "rigl_sm")
 
 
 def evaluate(eval_step, state: TrainState, pipeline, split: str, to_global) -> dict:
@@ -530,7 +528,7 @@ def train_loop(s: Setup, state: TrainState, start_step: int, train_step, evaluat
       log.add(metrics)
       done = step + 1
       if done % c.log_every == 0 or done == s.total_steps:
-        log.write_train(done, state_fields(s, state, done, log))
+        log.write_train(done, state_fields(s, state, done))
         stop_if_nonfinite(c, state, ckpt, log)
       if (c.eval_every and done % c.eval_every == 0 and done != s.total_steps
           and s.pipeline.info.num_val):
@@ -541,7 +539,7 @@ def train_loop(s: Setup, state: TrainState, start_step: int, train_step, evaluat
       stop = preemption.check(done)
       if done % c.checkpoint_every == 0 or stop:
         if log.pending:  # the checkpoint's metrics line must be in the log before it
-          log.write_train(done, state_fields(s, state, done, log))
+          log.write_train(done, state_fields(s, state, done))
         stop_if_nonfinite(c, state, ckpt, log)
         ckpt.save(done, state, force=stop)
       if stop:
@@ -635,7 +633,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
   log = run_log.RunLog(workdir, start_step, s.total_steps,
                        hparams={k: c[k] for k in HPARAMS},
-                       warn_skipped=c.on_nonfinite == "skip")
+                       warn_skipped=c.on_nonfinite == "skip",
+                       bits_per_char=bool(info.sequence_length))
   state, stopped = train_loop(s, state, start_step, train_step, evaluate_fn, ckpt, log,
                               to_global)
   ckpt.close()

@@ -124,11 +124,11 @@ class TextPipeline(Pipeline):
     self._seed = seed
     self.sequence_length = length
     self.layout = layout
-    windows = {s: max(a.size - 1, 0) // length + (1 if max(a.size - 1, 0) % length else 0)
-               for s, a in self._splits.items()}
+    # Eval windows: every byte but the first is a label once, the last window padded.
+    eval_windows = {s: -(-max(self._splits[s].size - 1, 0) // length) for s in ("val", "test")}
     self.info = DataInfo(name=name, num_classes=VOCAB_SIZE, input_shape=(length,),
                          num_train=(splits["train"].size - 1) // length,
-                         num_val=windows["val"], num_test=windows["test"],
+                         num_val=eval_windows["val"], num_test=eval_windows["test"],
                          sequence_length=length, corpus_digest=corpus_digest(splits))
     if self.steps_per_epoch < 1:
       raise ValueError(f"global_batch_size={layout.global_batch_size} is larger than the "
