@@ -224,9 +224,12 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
   _require(not text_data or c.validation_size in (-1, 0), "validation_size",
            f"the text sets have their own validation split: -1 (use it) or 0 (none), got "
            f"{c.validation_size!r}")
-  for field, size in (("batch_size", c.batch_size), ("eval_batch_size", c.eval_batch_size)):
-    _require(size % device_count == 0, field,
-             f"{size} is not divisible by the number of devices ({device_count})")
+  # Training batches are split evenly over the devices. Evaluation batches are padded
+  # up to a multiple of the device count instead (see eval_batch_size_for), so any
+  # eval_batch_size runs on any slice.
+  _require(c.batch_size % device_count == 0, "batch_size",
+           f"{c.batch_size} is not divisible by the number of devices ({device_count}); "
+           f"use a multiple of {device_count}")
   if c.method == "lottery":
     _require(bool(c.source_workdir), "source_workdir",
              "method 'lottery' needs the workdir of a finished pruning run")
@@ -235,6 +238,13 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
     end = end_step(c, total)
     _require(end >= c.start_step, "end_step",
              f"resolves to {end}, before start_step={c.start_step}")
+
+
+def eval_batch_size_for(c, device_count: int) -> int:
+  """The global eval batch actually run: ``eval_batch_size`` rounded up to a multiple
+  of the device count. The extra rows are padding that the eval step masks out, so
+  the count of evaluated examples stays exact on any number of devices."""
+  return -(-c.eval_batch_size // device_count) * device_count
 
 
 def total_steps_hint(c) -> int | None:

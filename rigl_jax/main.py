@@ -32,6 +32,11 @@ flags.DEFINE_integer("shutdown_timeout_s", 10,
                      "With --distributed: the longest wait for the other processes at exit.")
 flags.DEFINE_integer("init_timeout_s", 300,
                      "With --distributed: the longest wait for every process to join.")
+flags.DEFINE_integer("stall_timeout_s", 1800,
+                     "A run in which no training step, evaluation batch or checkpoint save "
+                     "finishes for this long (compilation included) stops with an error "
+                     "line instead of hanging: a stuck collective never ends by itself. "
+                     "0 turns the watchdog off.")
 flags.DEFINE_string("compilation_cache_dir", os.path.join("~", ".cache", "rigl_jax", "jax"),
                     "JAX's persistent compilation cache: a rerun, a resume or another run of "
                     "the same shapes skips compiling. '' turns it off; the environment "
@@ -193,6 +198,11 @@ def main(argv):
     FLAGS.config.keys()  # ml_collections reports a config file that failed to load only now
   except Exception as e:  # pylint: disable=broad-except
     _fail(f"flags: --config: {e}", EXIT_BAD_INPUT)
+  for name in ("stall_timeout_s", "init_timeout_s", "heartbeat_timeout_s",
+               "shutdown_timeout_s"):
+    low = 0 if name == "stall_timeout_s" else 1
+    if FLAGS[name].value < low:
+      _fail(f"flags: --{name} must be >= {low}, got {FLAGS[name].value}", EXIT_BAD_INPUT)
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.compilation_cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir",
@@ -202,8 +212,16 @@ def main(argv):
   from rigl_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax import train  # pylint: disable=import-outside-toplevel
+  def on_stall(seconds, what):
+    _fail(f"stalled: process {jax.process_index()} of {jax.process_count()}: nothing "
+          f"finished for {seconds:.0f} s (--stall_timeout_s={FLAGS.stall_timeout_s}) after "
+          f"{what}; a collective is stuck or a peer stopped responding. The last checkpoint "
+          f"is kept: rerun the same command to resume", EXIT_FAILED, at_once=True)
+
   try:
-    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                       stall_timeout_s=FLAGS.stall_timeout_s or None,
+                                       on_stall=on_stall)
   except (config_lib.ConfigError, FileNotFoundError, ImportError) as e:
     _fail(e, EXIT_BAD_INPUT)
   except FloatingPointError as e:

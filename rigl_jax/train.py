@@ -10,6 +10,7 @@ files are ``rigl_jax.workdir``, checkpoints are ``rigl_jax.checkpoint``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -34,6 +35,7 @@ from rigl_jax import flops as flops_lib
 from rigl_jax import masks as masks_lib
 from rigl_jax import methods as methods_lib
 from rigl_jax import models, run_log, schedules
+from rigl_jax import watchdog as watchdog_lib
 from rigl_jax import workdir as workdir_lib
 
 PyTree = Any
@@ -371,7 +373,8 @@ def setup(c: ml_collections.ConfigDict, workdir: str) -> Setup:
   workdir_lib.check_path(workdir)
   try:
     pipeline = data_lib.get_pipeline(
-        c.dataset, global_batch_size=c.batch_size, eval_batch_size=c.eval_batch_size,
+        c.dataset, global_batch_size=c.batch_size,
+        eval_batch_size=config_lib.eval_batch_size_for(c, jax.device_count()),
         seed=c.seed, validation_size=None if c.validation_size < 0 else c.validation_size,
         data_dir=c.data_dir or None, augmentation=c.augmentation,
         sequence_length=c.sequence_length)
@@ -484,12 +487,14 @@ def state_fields(s: Setup, state: TrainState, step: int) -> dict:
   return fields
 
 
-def evaluate(eval_step, state: TrainState, pipeline, split: str, to_global) -> dict:
+def evaluate(eval_step, state: TrainState, pipeline, split: str, to_global,
+             beat=lambda what: None) -> dict:
   """Accuracy and mean loss over every example of ``split`` (every character, for
   text, with the loss also in bits per character)."""
   totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-  for batch in pipeline.eval_batches(split):
+  for i, batch in enumerate(pipeline.eval_batches(split)):
     out = jax.device_get(eval_step(state, to_global(batch)))
+    beat(f"{split} batch {i + 1}")
     for k in totals:
       totals[k] += float(out[k])
   n = max(totals["count"], 1.0)
@@ -516,17 +521,33 @@ def stop_if_nonfinite(c, state: TrainState, ckpt, log: run_log.RunLog) -> None:
       f"--config.on_nonfinite=skip to skip such batches instead.")
 
 
+def cpu_collectives_need_sync() -> bool:
+  """Whether to wait for each step before dispatching the next: XLA:CPU runs every
+  device's share of a step on one shared thread pool, and a collective holds its
+  thread until all devices arrive. With several steps in flight the pool fills with
+  waiters of a later step while some devices still need a thread for the earlier
+  one: a deadlock (16 CPU devices on 2 cores: every run; 2 processes x 4 devices:
+  some runs). Accelerators queue each device's work on its own stream and keep
+  asynchronous dispatch."""
+  return jax.default_backend() == "cpu" and jax.device_count() > 1
+
+
 def train_loop(s: Setup, state: TrainState, start_step: int, train_step, evaluate_fn, ckpt,
-               log: run_log.RunLog, to_global) -> tuple[TrainState, bool]:
+               log: run_log.RunLog, to_global,
+               beat=lambda what: None) -> tuple[TrainState, bool]:
   """Steps from ``start_step`` to the end, logging, evaluating and checkpointing on
   the config's intervals; returns the state and whether a stop was requested."""
   c = s.config
   batches = s.pipeline.train_batches(start_step)
+  one_step_in_flight = cpu_collectives_need_sync()
   with Preemption() as preemption:
     for step in range(start_step, s.total_steps):
       state, metrics = train_step(state, to_global(next(batches)))
+      if one_step_in_flight:
+        jax.block_until_ready(metrics)
       log.add(metrics)
       done = step + 1
+      beat(f"step {done}")
       if done % c.log_every == 0 or done == s.total_steps:
         log.write_train(done, state_fields(s, state, done))
         stop_if_nonfinite(c, state, ckpt, log)
@@ -542,6 +563,7 @@ def train_loop(s: Setup, state: TrainState, start_step: int, train_step, evaluat
           log.write_train(done, state_fields(s, state, done))
         stop_if_nonfinite(c, state, ckpt, log)
         ckpt.save(done, state, force=stop)
+        beat(f"the checkpoint of step {done}")
       if stop:
         return state, True
   stop_if_nonfinite(c, state, ckpt, log)
@@ -597,9 +619,15 @@ HPARAMS = ("method", "distribution", "sparsity", "model", "dataset", "seed",
            "drop_fraction", "drop_schedule", "end_fraction", "weight_decay", "optimizer")
 
 
-def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
+                       stall_timeout_s: float | None = None, on_stall=None) -> dict:
   """Trains, evaluates, and writes ``summary.json``; resumes from the workdir's
-  checkpoint. Returns the summary, or ``{"preempted": True, "steps": N}``."""
+  checkpoint. Returns the summary, or ``{"preempted": True, "steps": N}``.
+
+  ``stall_timeout_s``: when no step, evaluation batch or checkpoint save finishes for
+  this long (compilation included), ``on_stall(seconds, what)`` is called from a
+  watchdog thread (:mod:`rigl_jax.watchdog`); the command line ends the process.
+  """
   wall_start = time.time()
   c = ml_collections.ConfigDict(c)  # a private copy
   s = setup(c, workdir)
@@ -628,15 +656,27 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sharding, v)
             for k, v in batch.items()}
 
-  def evaluate_fn(state, split):
-    return evaluate(eval_step, state, s.pipeline, split, to_global)
-
   log = run_log.RunLog(workdir, start_step, s.total_steps,
                        hparams={k: c[k] for k in HPARAMS},
                        warn_skipped=c.on_nonfinite == "skip",
                        bits_per_char=bool(info.sequence_length))
+  with (watchdog_lib.Watchdog(stall_timeout_s, on_stall) if stall_timeout_s
+        else contextlib.nullcontext()) as watchdog:
+    beat = watchdog.beat if watchdog is not None else lambda what: None
+
+    def evaluate_fn(state, split):
+      return evaluate(eval_step, state, s.pipeline, split, to_global, beat)
+
+    return finish_run(s, state, start_step, train_step, evaluate_fn, ckpt, log, to_global,
+                      beat, workdir, wall_start)
+
+
+def finish_run(s: Setup, state: TrainState, start_step: int, train_step, evaluate_fn, ckpt,
+               log: run_log.RunLog, to_global, beat, workdir: str, wall_start: float) -> dict:
+  """The run from its first step to ``summary.json`` (see :func:`train_and_evaluate`)."""
+  info = s.pipeline.info
   state, stopped = train_loop(s, state, start_step, train_step, evaluate_fn, ckpt, log,
-                              to_global)
+                              to_global, beat)
   ckpt.close()
   steps = int(jax.device_get(state.step))
   if stopped:
@@ -649,6 +689,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
                jax.process_count())
   if s.sparse:
     workdir_lib.save_tree(os.path.join(workdir, "final_masks"), masks_of(s, state))
+    beat("saving the final masks")
   val = evaluate_fn(state, "val") if info.num_val else {"accuracy": None, "loss": None,
                                                         "bits_per_char": None}
   test = evaluate_fn(state, "test")

@@ -130,13 +130,50 @@ def check_config(c, workdir: str) -> None:
 
 
 def create(c, workdir: str) -> None:
-  """Makes the workdir and writes ``config.json`` (process 0)."""
+  """Makes the workdir and writes ``config.json`` (process 0); with several processes,
+  checks that they all see the same workdir (:func:`check_shared`)."""
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise config_lib.ConfigError(f"workdir: cannot create {workdir!r}: {e.strerror}") from None
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, "config.json"), config_dict(c))
+  if jax.process_count() > 1:
+    check_shared(workdir)
+
+
+SHARED_TOKEN = ".shared_token"
+
+
+def check_shared(workdir: str) -> None:
+  """Process 0 writes a fresh random token into the workdir and sends it to the
+  others, which must read the same token back: otherwise the processes do not share
+  one workdir (a pod's local disks), and only process 0's files would hold the run.
+  Every process gets the same answer, so all of them stop with the same error."""
+  import secrets  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, SHARED_TOKEN)
+  token = np.zeros([16], np.uint8)
+  if jax.process_index() == 0:
+    token = np.frombuffer(secrets.token_bytes(16), np.uint8).copy()
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      f.write(token.tobytes().hex())
+    os.replace(tmp, path)
+  token = np.asarray(multihost_utils.broadcast_one_to_all(token))  # also a barrier
+  try:
+    with open(path) as f:
+      seen = f.read().strip() == token.tobytes().hex()
+  except OSError:
+    seen = False
+  everyone = np.asarray(multihost_utils.process_allgather(np.asarray([seen], np.int32)))
+  missing = [i for i, ok in enumerate(everyone.reshape(-1)) if not ok]
+  if missing:
+    raise config_lib.ConfigError(
+        f"workdir: {workdir} is not shared: process(es) {', '.join(map(str, missing))} of "
+        f"{jax.process_count()} do not see the file {path} that process 0 wrote. Every "
+        f"process must see one workdir: a shared file system or a gs:// URL")
 
 
 def write_summary(workdir: str, summary: dict) -> None:

@@ -26,6 +26,8 @@ CIFAR10 = os.path.join(REPO, "configs", "cifar10_wrn22_2.py")
 # $STUB_LOG.
 STUB = textwrap.dedent("""\
     import json, os, sys
+    if sys.argv[1:3] == ["-m", "rigl_jax.launch.finished"]:  # the scripts' finished check
+      sys.exit(0 if os.path.exists(os.path.join(sys.argv[3], "summary.json")) else 1)
     workdir = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--workdir=")][0]
     if os.environ.get("STUB_LOG"):
       with open(os.environ["STUB_LOG"], "a") as f:
@@ -182,68 +184,166 @@ def test_sweep_and_report_command_lines_with_stub_trainer(tmp_path, stub):
 # ----------------------------------------------------------------------------- emitted scripts
 
 
+def fake_tools(tmp_path, **scripts):
+  """Executables named after the keywords, in a folder to put first on PATH."""
+  folder = tmp_path / "fake_bin"
+  folder.mkdir(exist_ok=True)
+  for name, body in scripts.items():
+    (folder / name).write_text(textwrap.dedent(body))
+    (folder / name).chmod(0o755)
+  return str(folder)
+
+
 def test_slurm_script_content_and_one_task(tmp_path, stub):
   _, exe, log = stub
   sweep_dir = str(tmp_path / "sweep")
   runs = grid.make_runs([{"method": "rigl", "seed": 0}, {"method": "set", "seed": 1},
-                         {"method": "static", "seed": 2}], sweep_dir)
+                         {"method": "static", "seed": 2}, {"method": "set", "seed": 14}],
+                        sweep_dir)
   script, listing = emit.write_slurm(runs, sweep_dir, config_path=QUICKSTART,
                                      common={"num_epochs": 5}, repo_dir=REPO, python=exe,
                                      concurrency=2, partition="gpu", setup=["echo setup-ran"])
   text = open(script).read()
-  for line in ("#SBATCH --array=0-2%2", "#SBATCH --gres=gpu:1", "#SBATCH --partition=gpu",
-               "#SBATCH --signal=B:TERM@120", "#SBATCH --requeue", "#SBATCH --time=24:00:00",
+  for line in ("#SBATCH --array=0-3%2", "#SBATCH --gres=gpu:1", "#SBATCH --partition=gpu",
+               "#SBATCH --signal=TERM@120", "#SBATCH --requeue", "#SBATCH --time=24:00:00",
+               "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
                f"#SBATCH --output={sweep_dir}/slurm/%A_%a.out", "echo setup-ran"):
     assert line in text.splitlines(), line
+  assert "--distributed" not in open(listing).read()  # one process per run
   assert os.path.isdir(os.path.join(sweep_dir, "slurm"))
   lines = open(listing).read().splitlines()
-  assert [l.split("\t")[0] for l in lines] == [r.name for r in runs]
+  assert [l.split("\t")[:2] for l in lines] == [[r.name, r.workdir] for r in runs]
   assert "--config.num_epochs=5 --config.method=set --config.seed=1" in lines[1]
 
-  env = dict(os.environ, STUB_LOG=log, SLURM_ARRAY_TASK_ID="1")
+  tools = fake_tools(tmp_path, srun="""\
+      #!/bin/bash
+      while [[ "$1" == --* ]]; do shift; done
+      exec "$@"
+      """, scontrol="""\
+      #!/bin/bash
+      echo "$@" >> "$SCONTROL_LOG"
+      """)
+  scontrol_log = str(tmp_path / "scontrol.log")
+  env = dict(os.environ, STUB_LOG=log, SLURM_ARRAY_TASK_ID="1", SLURM_JOB_ID="77",
+             PATH=f"{tools}:{os.environ['PATH']}", SCONTROL_LOG=scontrol_log)
   proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
   assert proc.returncode == 0, proc.stderr
   assert read_log(log) == [runs[1].workdir] and "setup-ran" in proc.stdout
+  assert not os.path.exists(scontrol_log)  # finished: nothing to requeue
   # The task of a finished run does nothing.
   proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
   assert "finished: method=set,seed=1" in proc.stdout and read_log(log) == [runs[1].workdir]
+  # A run that exits 0 unfinished (stopped by the time limit) requeues its task.
+  env["SLURM_ARRAY_TASK_ID"], env["SLURM_JOB_ID"] = "3", "78"
+  proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+  assert proc.returncode == 0 and "requeueing" in proc.stdout, proc.stdout + proc.stderr
+  assert open(scontrol_log).read().split() == ["requeue", "78"]
 
 
-def test_tpu_script_content_and_execution(tmp_path, stub, monkeypatch):
+def test_slurm_multinode_script_and_device_check(tmp_path):
+  sweep_dir = str(tmp_path / "sweep")
+  runs = grid.make_runs([{"method": "rigl", "seed": 0}], sweep_dir)
+  script, listing = emit.write_slurm(runs, sweep_dir, config_path=QUICKSTART, nodes=4,
+                                     gpus_per_node=8, python="python")
+  text = open(script).read().splitlines()
+  for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gres=gpu:8"):
+    assert line in text, line
+  assert any(l.startswith("srun --kill-on-bad-exit=1 --nodes=4 --ntasks-per-node=8 ")
+             for l in text)
+  assert "-m rigl_jax.main --distributed --config=" in open(listing).read()
+  base = grid.load_config_module(QUICKSTART).get_config()  # batch 100
+  emit.check_runs_fit(runs, base, {}, 4)
+  with pytest.raises(ValueError, match=r"method=rigl,seed=0 on 32 devices: config\.batch_size"):
+    emit.check_runs_fit(runs, base, {}, 32)
+  assert emit.tpu_devices("v4-32") == 16 and emit.tpu_devices("v5litepod-16") == 16
+  assert emit.tpu_devices("v5p-128") == 64 and emit.tpu_devices("v6e-256") == 256
+  with pytest.raises(ValueError, match="--tpu_type"):
+    emit.tpu_devices("v9-8")
+
+
+def test_sweep_refuses_a_batch_that_does_not_divide_over_the_pod_when_emitting(tmp_path):
+  sweep_dir = str(tmp_path / "sweep")
+  base = [sys.executable, "-m", "rigl_jax.launch.sweep", f"--config={CIFAR10}",
+          f"--sweep_dir={sweep_dir}", "--emit=tpu"]
+  proc = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+      "error: --tpu_type: needed"), proc.stderr
+  # CIFAR's batch of 128 does not divide over a v5p-96's 48 chips.
+  proc = subprocess.run(base + ["--tpu_type=v5p-96"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert "on 48 devices: config.batch_size: 128 is not divisible" in proc.stderr
+  assert not os.path.exists(os.path.join(sweep_dir, "sweep_tpu.sh"))
+  proc = subprocess.run(base + ["--tpu_type=v4-32"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert os.path.exists(os.path.join(sweep_dir, "sweep_tpu.sh"))
+
+
+# A fake gcloud for a pod of two workers: runs --command once per worker, each with its
+# own HOME and host name, and logs its arguments. With FAIL_ONCE set, the first poll
+# fails as a dropped connection would.
+FAKE_GCLOUD = """\
+    #!/bin/bash
+    printf '%s\\n' "$@" >> "$GCLOUD_LOG"; echo ---- >> "$GCLOUD_LOG"
+    for a in "$@"; do case "$a" in --command=*) cmd="${a#--command=}";; esac; done
+    if [[ -n "${FAIL_ONCE:-}" && "$cmd" != *nohup* && ! -f "$FAIL_ONCE" ]]; then
+      touch "$FAIL_ONCE"; echo "ssh: connection reset" >&2; exit 255
+    fi
+    rc=0
+    for w in 0 1; do
+      mkdir -p "$PODS/worker$w"
+      HOME="$PODS/worker$w" bash -c "hostname() { echo tpu-worker-$w; }; $cmd" || rc=$?
+    done
+    exit $rc
+    """
+
+
+def test_tpu_script_starts_detached_polls_and_resumes(tmp_path, stub, monkeypatch):
   monkeypatch.chdir(REPO)  # the config path is written relative to the repository
   _, exe, log = stub
   sweep_dir = str(tmp_path / "sweep")
-  runs = grid.make_runs([{"method": "rigl", "seed": 0}, {"method": "rigl", "seed": 13}], sweep_dir)
+  runs = grid.make_runs([{"method": "rigl", "seed": 0}, {"method": "rigl", "seed": 13},
+                         {"method": "rigl", "seed": 14}], sweep_dir)
   script = emit.write_tpu(runs, sweep_dir, config_path=QUICKSTART, common={"batch_size": 64},
-                          tpu_name="pod-1", zone="us-central2-b", repo_dir=REPO, python=exe)
+                          tpu_name="pod-1", zone="us-central2-b", repo_dir=REPO, python=exe,
+                          poll_s=1)
   text = open(script).read()
-  assert text.count("\nrun ") == 2 and "TPU_NAME=${TPU_NAME:-pod-1}" in text
-  # A fake gcloud: logs its arguments and runs the remote command here.
-  gcloud = tmp_path / "gcloud"
-  gcloud.write_text(textwrap.dedent("""\
-      #!/bin/bash
-      printf '%s\\n' "$@" >> "$GCLOUD_LOG"; echo ---- >> "$GCLOUD_LOG"
-      for a in "$@"; do case "$a" in --command=*) bash -c "${a#--command=}" || exit $?;; esac; done
-      """))
-  gcloud.chmod(0o755)
+  assert text.count("\nrun ") == 3 and "TPU_NAME=${TPU_NAME:-pod-1}" in text
+  gcloud = fake_tools(tmp_path, gcloud=FAKE_GCLOUD)
   gcloud_log = str(tmp_path / "gcloud.log")
-  env = dict(os.environ, GCLOUD=str(gcloud), GCLOUD_LOG=gcloud_log, STUB_LOG=log)
-  proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
-  assert proc.returncode == 1, proc.stderr  # the seed-13 run fails
+  env = dict(os.environ, GCLOUD=f"{gcloud}/gcloud", GCLOUD_LOG=gcloud_log, STUB_LOG=log,
+             PODS=str(tmp_path / "pods"), POLL_S="0.2", FAIL_ONCE=str(tmp_path / "failed"))
+  proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=120)
+  assert proc.returncode == 1, proc.stdout + proc.stderr  # the seed-13 run fails
+  assert "polling the workers failed; the run goes on there" in proc.stderr
   calls = [c.strip().split("\n") for c in open(gcloud_log).read().split("----") if c.strip()]
-  assert len(calls) == 2
-  for call, run in zip(calls, runs):
+  for call in calls:
     assert call[:6] == ["compute", "tpus", "tpu-vm", "ssh", "pod-1", "--zone=us-central2-b"]
     assert "--worker=all" in call
-    remote = [a for a in call if a.startswith("--command=")][0]
+  starts = [c for c in calls if "nohup" in c[-1]]
+  assert len(starts) == 3
+  for call, run in zip(starts, runs):
+    remote = call[-1]
     assert "-m rigl_jax.main --distributed --config=configs/quickstart.py" in remote
     assert f"--config.batch_size=64 --config.method=rigl --config.seed={run.overrides['seed']}" \
         in remote
-  assert read_log(log) == [r.workdir for r in runs]
+  # Both workers ran each unfinished run, detached, with their own logs and exit codes
+  # (the fake's workers start one after the other, so worker 1 may find seed 0, which
+  # the stub finishes at once, already finished).
+  started = read_log(log)
+  assert set(started) == {r.workdir for r in runs}
+  assert started.count(runs[1].workdir) == started.count(runs[2].workdir) == 2
+  for w in (0, 1):
+    logs = tmp_path / "pods" / f"worker{w}" / "rigl_jax_logs" / "sweep"
+    assert (logs / runs[1].name / f"exit_code.tpu-worker-{w}").read_text().strip() == "3"
+    assert "RuntimeError: boom" in (logs / runs[1].name / f"worker-tpu-worker-{w}.log").read_text()
   assert open(os.path.join(sweep_dir, "tpu_failed.txt")).read().split() == [runs[1].name]
-  # Again: the finished run is skipped on the workers.
-  subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
-  assert read_log(log) == [r.workdir for r in runs] + [runs[1].workdir]
+  assert f"{runs[2].name}: stopped before its end" in proc.stdout  # seed 14: exit 0, unfinished
+  # Again: the finished run is skipped on the workers, the others start again.
+  subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=120)
+  again = read_log(log)[len(started):]
+  assert sorted(again) == sorted(r.workdir for r in runs[1:] for _ in range(2))
 
 
 # ----------------------------------------------------------------------------- hours

@@ -37,13 +37,47 @@ def _write_script(path: str, text: str) -> str:
   return path
 
 
+# Chips (JAX devices) of a Cloud TPU slice: v4 and v5p names count TensorCores (two
+# per chip), v5e and v6e names count chips.
+_TPU_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5litepod": 1, "v5e": 1, "v6e": 1}
+
+
+def tpu_devices(accelerator_type: str) -> int:
+  """The JAX device count of a slice, e.g. ``v4-32`` -> 16, ``v5litepod-16`` -> 16."""
+  generation, _, size = accelerator_type.partition("-")
+  if generation not in _TPU_CORES_PER_CHIP or not size.isdigit() or int(size) < 1:
+    raise ValueError(f"--tpu_type: {accelerator_type!r} is not a TPU slice type such as "
+                     f"v4-32, v5p-64, v5litepod-16 or v6e-16 (generations: "
+                     f"{', '.join(_TPU_CORES_PER_CHIP)})")
+  return max(int(size) // _TPU_CORES_PER_CHIP[generation], 1)
+
+
+def check_runs_fit(runs: Sequence[grid.Run], base_config, common: dict | None,
+                   devices: int) -> None:
+  """Validates every run's config for ``devices`` devices now, on the submitting
+  machine, instead of on the cluster: a batch that does not divide over the devices
+  fails here, naming the run and the field."""
+  from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  for run in runs:
+    c = grid.apply_overrides(base_config, common or {}, run.overrides)
+    try:
+      config_lib.validate(c, device_count=devices)
+    except config_lib.ConfigError as e:
+      raise ValueError(f"run {run.name} on {devices} devices: {e}") from None
+
+
 def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
                 common: dict | None = None, repo_dir: str = ".", python: str = "python",
                 concurrency: int | None = None, job_name: str = "rigl_jax",
-                partition: str = "", gres: str = "gpu:1", cpus_per_task: int = 8,
-                mem: str = "", time_limit: str = "24:00:00", setup: Sequence[str] = (),
+                partition: str = "", nodes: int = 1, gpus_per_node: int = 1,
+                gres: str | None = None, cpus_per_task: int = 8, mem: str = "",
+                time_limit: str = "24:00:00", setup: Sequence[str] = (),
                 ) -> tuple[str, str]:
   """Writes ``sweep.slurm`` and ``slurm_runs.tsv`` into ``sweep_dir``; returns their paths.
+
+  Every run is one array task of ``nodes`` x ``gpus_per_node`` processes, one per GPU
+  (``srun``; jax's SLURM detection gives process ``SLURM_LOCALID`` the GPU of that
+  index among the node's). More than one process adds ``--distributed``.
 
   Args:
     runs: one array task each, in this order.
@@ -51,25 +85,39 @@ def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
     repo_dir: the directory the tasks ``cd`` into (absolute paths are safest).
     python: the interpreter on the compute nodes.
     concurrency: at most this many tasks at once (``--array=0-N%C``); None: no limit.
-    partition, gres, cpus_per_task, mem, time_limit: ``#SBATCH`` resources
-      ('' leaves a field out).
+    partition, cpus_per_task, mem, time_limit: ``#SBATCH`` resources ('' leaves a
+      field out); ``cpus_per_task`` is per process.
+    nodes, gpus_per_node: the allocation of one run; ``gpus_per_node=0`` runs one
+      CPU-only process per node.
+    gres: replaces the ``--gres=gpu:G`` line ('' leaves it out).
     setup: shell lines run before the trainer (``module load ...``, ``source venv``).
   """
   if not runs:
     raise ValueError("no runs to write")
+  if nodes < 1 or gpus_per_node < 0:
+    raise ValueError(f"nodes must be >= 1 and gpus_per_node >= 0, got {nodes} and "
+                     f"{gpus_per_node}")
+  tasks_per_node = max(gpus_per_node, 1)
+  processes = nodes * tasks_per_node
   sweep_dir = os.path.abspath(sweep_dir)
   os.makedirs(os.path.join(sweep_dir, "slurm"), exist_ok=True)
   list_path = os.path.join(sweep_dir, SLURM_LIST)
   with open(list_path, "w") as f:
     for run in runs:
       run = grid.Run(run.name, run.overrides, os.path.join(sweep_dir, run.name))
-      cmd = local.trainer_command(config_path, run, common, python=python)
-      f.write(f"{run.name}\t{shlex.join(cmd)}\n")
+      cmd = local.trainer_command(config_path, run, common, python=python,
+                                  distributed=processes > 1)
+      f.write(f"{run.name}\t{run.workdir}\t{shlex.join(cmd)}\n")
   array = f"0-{len(runs) - 1}" + (f"%{concurrency}" if concurrency else "")
+  if gres is None:
+    gres = f"gpu:{gpus_per_node}" if gpus_per_node else ""
   directives = [f"--job-name={job_name}", f"--array={array}",
                 f"--output={sweep_dir}/slurm/%A_%a.out", f"--error={sweep_dir}/slurm/%A_%a.err",
+                "--open-mode=append", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
                 f"--cpus-per-task={cpus_per_task}", f"--time={time_limit}",
-                "--signal=B:TERM@120", "--requeue"]
+                # Without "B:" the signal goes to the job steps (every trainer process),
+                # not to this shell, which then requeues the task (below).
+                "--signal=TERM@120", "--requeue"]
   if gres:
     directives.append(f"--gres={gres}")
   if partition:
@@ -79,26 +127,36 @@ def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
   lines = [
       "#!/bin/bash",
       f"# {len(runs)} runs of {config_path}, written by `python -m rigl_jax.launch.sweep --emit=slurm`.",
+      f"# Each run: {nodes} node(s) x {tasks_per_node} process(es), one per GPU.",
       f"# Submit: sbatch {shlex.quote(os.path.join(sweep_dir, SLURM_SCRIPT))}",
-      "# Finished runs (summary.json present) exit at once; submit again to resume the rest.",
-      "# Run one task by hand: SLURM_ARRAY_TASK_ID=3 bash THIS_SCRIPT",
+      "# Finished runs (summary.json present) exit at once. A run stopped by the time limit",
+      "# saves a checkpoint, and the task requeues itself; it resumes when it starts again.",
       *(f"#SBATCH {d}" for d in directives),
-      "set -euo pipefail",
+      "set -uo pipefail",
       f"SWEEP_DIR={shlex.quote(sweep_dir)}",
       f'LIST="$SWEEP_DIR/{SLURM_LIST}"',
+      f"PYTHON={shlex.quote(python)}",
       'TASK="${SLURM_ARRAY_TASK_ID:?SLURM_ARRAY_TASK_ID is not set}"',
       'LINE=$(sed -n "$((TASK + 1))p" "$LIST")',
       'if [[ -z "$LINE" ]]; then echo "no run $TASK in $LIST" >&2; exit 1; fi',
-      "NAME=${LINE%%$'\\t'*}",
-      "CMD=${LINE#*$'\\t'}",
-      'if [[ -f "$SWEEP_DIR/$NAME/summary.json" ]]; then',
+      "IFS=$'\t' read -r NAME WORKDIR CMD <<< \"$LINE\"",
+      f"cd {shlex.quote(repo_dir)} || exit 1",
+      *setup,
+      'if "$PYTHON" -m rigl_jax.launch.finished "$WORKDIR"; then',
       '  echo "finished: $NAME"',
       "  exit 0",
       "fi",
-      f"cd {shlex.quote(repo_dir)}",
-      *setup,
-      'echo "run $TASK: $NAME on $(hostname)"',
-      'eval "exec $CMD"',
+      'echo "run $TASK: $NAME on ${SLURM_JOB_NODELIST:-$(hostname)}"',
+      f"srun --kill-on-bad-exit=1 --nodes={nodes} --ntasks-per-node={tasks_per_node} "
+      'bash -c "exec $CMD"',
+      "rc=$?",
+      'if [[ $rc -eq 0 ]] && ! "$PYTHON" -m rigl_jax.launch.finished "$WORKDIR"; then',
+      '  echo "run $NAME stopped before its end (time limit or preemption): requeueing"',
+      '  scontrol requeue "$SLURM_JOB_ID" || {',
+      f'    echo "requeue failed: submit {shlex.quote(os.path.join(sweep_dir, SLURM_SCRIPT))} '
+      'again (finished runs are skipped)" >&2; exit 1; }',
+      "fi",
+      'exit "$rc"',
       "",
   ]
   return _write_script(os.path.join(sweep_dir, SLURM_SCRIPT), "\n".join(lines)), list_path
@@ -106,16 +164,26 @@ def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
 
 def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
               common: dict | None = None, tpu_name: str = "my-tpu-pod", zone: str = "",
-              project: str = "", repo_dir: str = "~/rigl_jax", python: str = "python3",
-              setup: Sequence[str] = ()) -> str:
+              project: str = "", repo_dir: str = "~/rigl_jax",
+              python: str = "~/rigl_jax_venv/bin/python", setup: Sequence[str] = (),
+              log_dir: str = "~/rigl_jax_logs", poll_s: int = 60) -> str:
   """Writes ``sweep_tpu.sh`` into ``sweep_dir``: the runs one after another, each on
   all workers of the pod; returns its path.
 
-  ``TPU_NAME``, ``ZONE``, ``PROJECT`` and ``GCLOUD`` in the environment override the
-  values written. ``repo_dir`` is expanded by the workers' shell (``~`` works).
-  ``config_path`` is made relative to the current directory when it lies inside it
-  (the repository is at another place on the workers). Failed runs are listed in
-  ``SWEEP_DIR/tpu_failed.txt``; the script goes on and exits 1 at the end.
+  Each run starts detached on every worker (``setsid nohup``, so a dropped SSH
+  connection leaves it running), with its output in ``LOG_DIR/SWEEP/RUN/worker-HOST.log``
+  and its exit code beside it on each worker; the script then polls the workers every
+  ``poll_s`` seconds (a failed poll is retried) until every process has ended. Run the
+  script again after an interruption: finished runs are skipped, runs still going are
+  waited for, the others resume from their checkpoints.
+
+  ``TPU_NAME``, ``ZONE``, ``PROJECT``, ``GCLOUD`` and ``POLL_S`` in the environment
+  override the values written. ``repo_dir``, ``python`` and ``log_dir`` are expanded
+  by the workers' shell (``~`` works); ``python`` is the Python 3.11 environment that
+  :func:`write_tpu_setup` makes. ``config_path`` is made relative to the current
+  directory when it lies inside it (the repository is at another place on the
+  workers). Failed runs are listed in ``SWEEP_DIR/tpu_failed.txt``; the script goes
+  on and exits 1 at the end.
   """
   if not runs:
     raise ValueError("no runs to write")
@@ -123,36 +191,76 @@ def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
   config_rel = os.path.relpath(config_path)
   if config_rel.startswith(".."):
     config_rel = config_path
+  sweep_name = os.path.basename(os.path.normpath(sweep_dir))
   lines = [
       "#!/bin/bash",
-      f"# {len(runs)} runs of {config_path} on a multi-host TPU pod, one after another,",
-      "# written by `python -m rigl_jax.launch.sweep --emit=tpu`. Every run executes on all workers",
-      "# (--worker=all) with --distributed; the sweep directory must be on a file system",
-      "# every worker sees. Finished runs are skipped; run the script again to resume.",
+      f"# {len(runs)} runs of {config_path} on a multi-host TPU pod slice, one after another,",
+      "# written by `python -m rigl_jax.launch.sweep --emit=tpu`. Every run starts detached on",
+      "# all workers (one process per host, --distributed) and this script polls until it",
+      "# ends; a dropped connection does not stop a run. Run the script again to resume.",
       "set -uo pipefail",
       f"TPU_NAME=${{TPU_NAME:-{shlex.quote(tpu_name)}}}",
       f"ZONE=${{ZONE:-{shlex.quote(zone)}}}",
       f"PROJECT=${{PROJECT:-{shlex.quote(project)}}}",
       'GCLOUD="${GCLOUD:-gcloud}"',
+      f'POLL_S="${{POLL_S:-{poll_s}}}"',
       f"FAILED_LOG={shlex.quote(os.path.join(sweep_dir, 'tpu_failed.txt'))}",
       "failed=0",
       "",
-      "run() {  # NAME REMOTE_COMMAND",
+      "on_all_workers() {  # REMOTE_COMMAND",
+      '  "$GCLOUD" compute tpus tpu-vm ssh "$TPU_NAME" ${ZONE:+--zone="$ZONE"} \\',
+      '      ${PROJECT:+--project="$PROJECT"} --worker=all --command="$1"',
+      "}",
+      "",
+      "run() {  # NAME START_COMMAND POLL_COMMAND",
       '  echo "=== $1"',
-      '  if ! "$GCLOUD" compute tpus tpu-vm ssh "$TPU_NAME" ${ZONE:+--zone="$ZONE"} \\',
-      '      ${PROJECT:+--project="$PROJECT"} --worker=all --command="$2"; then',
-      '    echo "$1" >> "$FAILED_LOG"',
-      "    failed=$((failed + 1))",
+      "  local out",
+      '  if ! out=$(on_all_workers "$2"); then',
+      '    echo "$out"; echo "$1: could not start it on every worker" >&2',
+      '    echo "$1" >> "$FAILED_LOG"; failed=$((failed + 1)); return',
+      "  fi",
+      '  echo "$out"',
+      '  grep -qE "^rigl_jax: (started|running)" <<< "$out" || return 0  # finished before',
+      "  while true; do",
+      '    sleep "$POLL_S"',
+      '    if ! out=$(on_all_workers "$3"); then',
+      '      echo "$1: polling the workers failed; the run goes on there, trying again" >&2',
+      "      continue",
+      "    fi",
+      '    grep -q "^rigl_jax: running" <<< "$out" || break',
+      "  done",
+      '  echo "$out"',
+      '  if grep "^rigl_jax: exit" <<< "$out" | grep -qv "^rigl_jax: exit 0 "; then',
+      '    echo "$1" >> "$FAILED_LOG"; failed=$((failed + 1))',
+      '  elif ! grep -q "^rigl_jax: finished" <<< "$out"; then',
+      '    echo "$1: stopped before its end (preempted?); run this script again to resume"',
       "  fi",
       "}",
       "",
   ]
   prefix = " && ".join([f"cd {repo_dir}", *setup])
   for run in runs:
-    cmd = local.trainer_command(config_rel, run, common, python=python, distributed=True)
-    summary = os.path.join(run.workdir, local.SUMMARY)
-    remote = (f"{prefix} && if [ -f {shlex.quote(summary)} ]; then echo finished; "
-              f"else {shlex.join(cmd)}; fi")
-    lines.append(f"run {shlex.quote(run.name)} {shlex.quote(remote)}")
+    cmd = shlex.join(local.trainer_command(config_rel, run, common, python="PYTHON",
+                                           distributed=True)[1:])
+    logs = f"{log_dir}/{shlex.quote(sweep_name)}/{shlex.quote(run.name)}"
+    workdir = shlex.quote(run.workdir)
+    finished = f"{python} -m rigl_jax.launch.finished {workdir}"
+    # $0: the log folder, $1: the host name (the detached shell's arguments).
+    detached = (f'{python} {cmd} > "$0/worker-$1.log" 2>&1; echo $? > "$0/exit_code.$1"')
+    alive = 'kill -0 "$(cat "$L/pid.$H" 2>/dev/null)" 2>/dev/null'
+    start = (f"{prefix} && L={logs} && H=$(hostname) && mkdir -p \"$L\" && "
+             f"if {finished}; then echo \"rigl_jax: finished on $H\"; "
+             f"elif {alive}; then echo \"rigl_jax: running on $H\"; "
+             f"else rm -f \"$L/exit_code.$H\"; "
+             f"setsid nohup bash -c {shlex.quote(detached)} \"$L\" \"$H\" "
+             f"< /dev/null > /dev/null 2>&1 & echo $! > \"$L/pid.$H\"; "
+             f"echo \"rigl_jax: started on $H\"; fi")
+    poll = (f"{prefix} && L={logs} && H=$(hostname) && "
+            f"if {alive}; then echo \"rigl_jax: running on $H\"; "
+            f"elif [ -f \"$L/exit_code.$H\" ]; then "
+            f"echo \"rigl_jax: exit $(cat \"$L/exit_code.$H\") on $H\"; "
+            f"else echo \"rigl_jax: exit lost on $H\"; fi; "
+            f"if {finished}; then echo \"rigl_jax: finished on $H\"; fi")
+    lines.append(f"run {shlex.quote(run.name)} {shlex.quote(start)} {shlex.quote(poll)}")
   lines += ["", 'echo "$failed failed run(s)"', "exit $((failed > 0))", ""]
   return _write_script(os.path.join(sweep_dir, TPU_SCRIPT), "\n".join(lines))

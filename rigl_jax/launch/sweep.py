@@ -62,8 +62,13 @@ def define_flags():
   flags.DEFINE_integer("steps_per_epoch", None, "For --estimate with a data set of unknown size.")
   # SLURM.
   flags.DEFINE_string("slurm_partition", "", "#SBATCH --partition ('' leaves it out).")
-  flags.DEFINE_string("slurm_gres", "gpu:1", "#SBATCH --gres ('' leaves it out).")
-  flags.DEFINE_integer("slurm_cpus", 8, "#SBATCH --cpus-per-task.")
+  flags.DEFINE_integer("slurm_nodes", 1, "Nodes of each run (#SBATCH --nodes).")
+  flags.DEFINE_integer("slurm_gpus_per_node", 1,
+                       "GPUs of each node; one trainer process per GPU (#SBATCH "
+                       "--ntasks-per-node); 0: one CPU-only process per node.")
+  flags.DEFINE_string("slurm_gres", None, "#SBATCH --gres (default gpu:GPUS_PER_NODE; '' "
+                      "leaves it out).")
+  flags.DEFINE_integer("slurm_cpus", 8, "#SBATCH --cpus-per-task (per process).")
   flags.DEFINE_string("slurm_mem", "", "#SBATCH --mem ('' leaves it out).")
   flags.DEFINE_string("slurm_time", "24:00:00", "#SBATCH --time.")
   flags.DEFINE_multi_string("slurm_setup", [], "Shell line before each run (repeatable).")
@@ -71,6 +76,9 @@ def define_flags():
                       "directory for SLURM, ~/rigl_jax for TPU).")
   # TPU pods.
   flags.DEFINE_string("tpu_name", "my-tpu-pod", "TPU VM name.")
+  flags.DEFINE_string("tpu_type", None, "Accelerator type of the slice (v4-32, v5p-64, "
+                      "v5litepod-16, v6e-16, ...): every run's batch must divide over its "
+                      "chips; checked when the script is written. Required with --emit=tpu.")
   flags.DEFINE_string("tpu_zone", "", "TPU zone.")
   flags.DEFINE_string("tpu_project", "", "GCP project.")
   flags.DEFINE_multi_string("tpu_setup", [], "Shell command on each worker first (repeatable).")
@@ -141,6 +149,16 @@ def main(argv):
     return
 
   if FLAGS.emit:
+    try:
+      if FLAGS.emit == "tpu" and not FLAGS.tpu_type:
+        raise ValueError("--tpu_type: needed with --emit=tpu (e.g. v4-32), to check that "
+                         "every run's batch divides over the slice's chips")
+      devices = (emit.tpu_devices(FLAGS.tpu_type) if FLAGS.emit == "tpu" else
+                 FLAGS.slurm_nodes * max(FLAGS.slurm_gpus_per_node, 1))
+      emit.check_runs_fit(runs, base, common, devices)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
     grid.write_manifest(sweep_dir, config_path=config_path, common=common, runs=runs,
                         base_config=base)
   if FLAGS.emit == "slurm":
@@ -149,7 +167,9 @@ def main(argv):
         repo_dir=FLAGS.repo_dir or os.getcwd(), python=FLAGS.python or "python",
         concurrency=FLAGS.concurrency if FLAGS.concurrency > 1 else None,
         job_name=os.path.splitext(os.path.basename(config_path))[0],
-        partition=FLAGS.slurm_partition, gres=FLAGS.slurm_gres, cpus_per_task=FLAGS.slurm_cpus,
+        partition=FLAGS.slurm_partition, nodes=FLAGS.slurm_nodes,
+        gpus_per_node=FLAGS.slurm_gpus_per_node, gres=FLAGS.slurm_gres,
+        cpus_per_task=FLAGS.slurm_cpus,
         mem=FLAGS.slurm_mem, time_limit=FLAGS.slurm_time, setup=FLAGS.slurm_setup)
     done = sum(local.is_finished(r.workdir) for r in runs)
     print(f"wrote {script} and {listing}: {len(runs)} tasks ({done} already finished)\n"
