@@ -193,6 +193,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  # gcsfs logs a traceback for each object-store rename it then does by copy and delete
+  # (the quarantine of a bad checkpoint step on gs://): noise, the fallback works.
+  import logging as py_logging  # pylint: disable=import-outside-toplevel
+  py_logging.getLogger("gcsfs").setLevel(py_logging.CRITICAL)
   _quiet_closed_event_loops()
   try:
     FLAGS.config.keys()  # ml_collections reports a config file that failed to load only now

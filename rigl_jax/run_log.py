@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
 import numpy as np
 from absl import logging
 
-from rigl_jax import tensorboard
+from rigl_jax import paths, tensorboard
 
 
 def finite_or_null(value):
@@ -47,26 +46,22 @@ class MetricsLog:
     self.path = path
     self.writer = jax.process_index() == 0  # one writer when processes share the workdir
     lines = []
-    if os.path.exists(path):
+    if paths.exists(path):
       # A damaged byte must not stop every rerun: such a line fails to parse and is dropped.
-      with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-          if record.get("step", math.inf) <= resume_step:
-            lines.append(line if line.endswith("\n") else line + "\n")
+      for line in paths.read_text(path, errors="replace").splitlines(keepends=True):
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # a line cut short by a kill
+        if record.get("step", math.inf) <= resume_step:
+          lines.append(line if line.endswith("\n") else line + "\n")
       if self.writer:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-          f.writelines(lines)
-        os.replace(tmp, path)
+        paths.write_atomic(path, "".join(lines))
 
   def write(self, record: dict) -> None:
     if self.writer:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(finite_or_null(record), sort_keys=True, allow_nan=False) + "\n")
+      paths.append(self.path,
+                   json.dumps(finite_or_null(record), sort_keys=True, allow_nan=False) + "\n")
 
 
 class RunLog:
@@ -84,12 +79,12 @@ class RunLog:
     self.total_steps = total_steps
     self.warn_skipped = warn_skipped
     self.bits_per_char = bits_per_char  # language models: the loss also in bits per char
-    self.metrics = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
+    self.metrics = MetricsLog(paths.join(workdir, "metrics.jsonl"), start_step)
     self.events = None
     if jax.process_index() == 0:
-      self.events = tensorboard.ScalarWriter(os.path.join(workdir, "tensorboard"), start_step)
+      self.events = tensorboard.ScalarWriter(paths.join(workdir, "tensorboard"), start_step)
       if hparams:
-        self.events.write_hparams(hparams, group_name=os.path.basename(os.path.abspath(workdir)))
+        self.events.write_hparams(hparams, group_name=paths.basename(paths.resolve(workdir)))
     self.pending: list = []
     self._compiled = False
     self._interval_start = time.time()

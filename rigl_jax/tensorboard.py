@@ -14,6 +14,8 @@ import socket
 import struct
 import time
 
+from rigl_jax import paths
+
 
 def _crc32c_table() -> list[int]:
   table = []
@@ -132,24 +134,22 @@ class ScalarWriter:
   """
 
   def __init__(self, logdir: str, start_step: int = 0):
-    os.makedirs(logdir, exist_ok=True)
+    paths.makedirs(logdir)
     # Unique per writer, even for two writers of one process in the same second.
     name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}."
             f"{next(_WRITERS)}")
-    self.path = os.path.join(logdir, name)
-    with open(self.path, "ab") as f:
-      f.write(_record(_event(0, file_version="brain.Event:2")))
-      if start_step > 0:
-        f.write(_record(_event(int(start_step), session_status=SESSION_START)))
+    self.path = paths.join(logdir, name)
+    header = _record(_event(0, file_version="brain.Event:2"))
+    if start_step > 0:
+      header += _record(_event(int(start_step), session_status=SESSION_START))
+    paths.append(self.path, header)
 
   def write_hparams(self, hparams: dict, group_name: str = "") -> None:
     """The run's hyperparameters for TensorBoard's HParams tab: numbers, bools and
     strings (anything else is written as its ``str``)."""
     event = (_field(1, 1, struct.pack("<d", time.time())) + _field(2, 0, _varint(0)) +
              _length_delimited(5, _hparams_summary(hparams, group_name)))
-    with open(self.path, "ab") as f:
-      f.write(_record(event))
+    paths.append(self.path, _record(event))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
-    with open(self.path, "ab") as f:
-      f.write(_record(_event(int(step), scalars=scalars)))
+    paths.append(self.path, _record(_event(int(step), scalars=scalars)))

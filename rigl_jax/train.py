@@ -34,7 +34,7 @@ from rigl_jax import data as data_lib
 from rigl_jax import flops as flops_lib
 from rigl_jax import masks as masks_lib
 from rigl_jax import methods as methods_lib
-from rigl_jax import models, run_log, schedules
+from rigl_jax import models, paths, run_log, schedules
 from rigl_jax import watchdog as watchdog_lib
 from rigl_jax import workdir as workdir_lib
 
@@ -437,7 +437,7 @@ def restore_or_create(s: Setup, ckpt: checkpoint_lib.Checkpointer, sharding,
     return state, start_step
   state = jax.jit(init, out_shardings=sharding)()
   if s.sparse:
-    workdir_lib.save_tree(os.path.join(workdir, "initial_params"),
+    workdir_lib.save_tree(paths.join(workdir, "initial_params"),
                           {"params": _to_host(state.params)})
   logging.info("Starting %s from scratch: %d steps.", workdir, s.total_steps)
   return state, 0
@@ -638,7 +638,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpoint_lib.Checkpointer(paths.join(workdir, "checkpoints"),
                                      max_to_keep=c.keep_checkpoints,
                                      save_interval_steps=c.checkpoint_every)
   state, start_step = restore_or_create(s, ckpt, replicated, workdir)
@@ -688,7 +688,7 @@ def finish_run(s: Setup, state: TrainState, start_step: int, train_step, evaluat
   logging.info("Final state CRC32 %s (process %d of %d).", digest, jax.process_index(),
                jax.process_count())
   if s.sparse:
-    workdir_lib.save_tree(os.path.join(workdir, "final_masks"), masks_of(s, state))
+    workdir_lib.save_tree(paths.join(workdir, "final_masks"), masks_of(s, state))
     beat("saving the final masks")
   val = evaluate_fn(state, "val") if info.num_val else {"accuracy": None, "loss": None,
                                                         "bits_per_char": None}

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from rigl_jax import config as config_lib
+from rigl_jax import paths
 
 # What the trainer writes in a workdir: name -> whether it is a directory.
 ENTRIES = {"config.json": False, "metrics.jsonl": False, "summary.json": False,
@@ -43,17 +44,13 @@ RESUMABLE_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "overwr
 
 def write_json_atomic(path: str, obj) -> None:
   """Writes a temporary file and renames it: a kill leaves the old file or the new one."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  paths.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def read_json(path: str, field: str) -> dict:
   """A JSON object from a file; a damaged file is a ConfigError naming ``field``."""
   try:
-    with open(path) as f:
-      obj = json.load(f)
+    obj = json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
     raise config_lib.ConfigError(f"config.{field}: cannot read {path}: {e}") from None
   if not isinstance(obj, dict):
@@ -70,13 +67,13 @@ def save_tree(directory: str, tree) -> None:
   Every process calls it: orbax saves are collective (the primary process writes)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(directory), tree, force=True)
+    ckptr.save(paths.resolve(directory), tree, force=True)
 
 
 def load_tree(directory: str, target):
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.abspath(directory), target)
+    return ckptr.restore(paths.resolve(directory), target)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -84,7 +81,14 @@ def load_tree(directory: str, target):
 
 def check_path(workdir: str) -> None:
   """Refuses a workdir that cannot be created or holds the wrong kind of entry, before
-  any directory is made (a failed ``os.makedirs`` would leave its parents behind)."""
+  any directory is made (a failed ``os.makedirs`` would leave its parents behind). A
+  URL (``gs://bucket/...``) needs its bucket to exist."""
+  if paths.is_url(workdir):
+    try:
+      paths.makedirs(workdir)  # creates nothing: checks the bucket
+    except (OSError, ValueError, ImportError) as e:
+      raise config_lib.ConfigError(f"workdir: cannot use {workdir!r}: {e}") from None
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise config_lib.ConfigError(f"workdir: {workdir!r} exists and is not a directory")
   path = os.path.abspath(workdir)
@@ -114,8 +118,8 @@ def check_path(workdir: str) -> None:
 
 def check_config(c, workdir: str) -> None:
   """The guard: refuses a workdir holding a run of another config (unless ``overwrite``)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path) or c.overwrite:
+  path = paths.join(workdir, "config.json")
+  if not paths.exists(path) or c.overwrite:
     return
   saved = read_json(path, "overwrite")
   asked = config_dict(c)
@@ -133,11 +137,12 @@ def create(c, workdir: str) -> None:
   """Makes the workdir and writes ``config.json`` (process 0); with several processes,
   checks that they all see the same workdir (:func:`check_shared`)."""
   try:
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
   except OSError as e:
-    raise config_lib.ConfigError(f"workdir: cannot create {workdir!r}: {e.strerror}") from None
+    raise config_lib.ConfigError(
+        f"workdir: cannot create {workdir!r}: {e.strerror or e}") from None
   if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, "config.json"), config_dict(c))
+    write_json_atomic(paths.join(workdir, "config.json"), config_dict(c))
   if jax.process_count() > 1:
     check_shared(workdir)
 
@@ -153,18 +158,14 @@ def check_shared(workdir: str) -> None:
   import secrets  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, SHARED_TOKEN)
+  path = paths.join(workdir, SHARED_TOKEN)
   token = np.zeros([16], np.uint8)
   if jax.process_index() == 0:
     token = np.frombuffer(secrets.token_bytes(16), np.uint8).copy()
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      f.write(token.tobytes().hex())
-    os.replace(tmp, path)
+    paths.write_atomic(path, token.tobytes().hex())
   token = np.asarray(multihost_utils.broadcast_one_to_all(token))  # also a barrier
   try:
-    with open(path) as f:
-      seen = f.read().strip() == token.tobytes().hex()
+    seen = paths.read_text(path).strip() == token.tobytes().hex()
   except OSError:
     seen = False
   everyone = np.asarray(multihost_utils.process_allgather(np.asarray([seen], np.int32)))
@@ -178,7 +179,7 @@ def check_shared(workdir: str) -> None:
 
 def write_summary(workdir: str, summary: dict) -> None:
   if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    write_json_atomic(paths.join(workdir, "summary.json"), summary)
 
 
 # ----------------------------------------------------------------------------- other runs
@@ -191,13 +192,13 @@ def load_lottery_source(c, params_shape):
   source = c.source_workdir
 
   def require(name):
-    if not os.path.exists(os.path.join(source, name)):
+    if not paths.exists(paths.join(source, name)):
       raise config_lib.ConfigError(
           f"config.source_workdir: {source!r} has no {name}; it must be the workdir of a "
           f"finished sparse run (e.g. method 'pruning')")
 
   require("config.json")
-  source_config = read_json(os.path.join(source, "config.json"), "source_workdir")
+  source_config = read_json(paths.join(source, "config.json"), "source_workdir")
   for field in ("model", "dataset"):
     if source_config.get(field) != c[field]:
       raise config_lib.ConfigError(
@@ -206,15 +207,15 @@ def load_lottery_source(c, params_shape):
   for name in ("summary.json", "final_masks", "initial_params"):
     require(name)
   mask_target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bool_), params_shape)
-  summary = read_json(os.path.join(source, "summary.json"), "source_workdir")
+  summary = read_json(paths.join(source, "summary.json"), "source_workdir")
   cost = {}
   for key in ("train_flops", "train_flops_multiplier"):
     if not isinstance(summary.get(key), (int, float)):
       raise config_lib.ConfigError(
           f"config.source_workdir: {source!r}/summary.json has no number {key!r}")
     cost[key] = float(summary[key])
-  masks = load_tree(os.path.join(source, "final_masks"), mask_target)
-  initial = load_tree(os.path.join(source, "initial_params"), None)
+  masks = load_tree(paths.join(source, "final_masks"), mask_target)
+  initial = load_tree(paths.join(source, "initial_params"), None)
   return masks, initial, cost
 
 
@@ -222,8 +223,8 @@ def densities_from_run(c) -> dict[str, float]:
   """Per-layer sparsities read from a finished run's ``summary.json`` (the report's
   re-initialisation experiment): one anchored regex per layer, so every layer leaves
   the budget with exactly the density it ended with (dense ones at 0.0)."""
-  path = os.path.join(c.distribution_source, "summary.json")
-  if not os.path.exists(path):
+  path = paths.join(c.distribution_source, "summary.json")
+  if not paths.exists(path):
     raise config_lib.ConfigError(
         f"config.distribution_source: {c.distribution_source!r} has no summary.json; it "
         f"must be the workdir of a finished sparse run")

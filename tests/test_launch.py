@@ -633,3 +633,22 @@ def test_language_model_sweeps_report_bits_per_char(tmp_path):
   assert "| Dense |  |  | 2.00 (n=1) |" in table
   assert os.path.exists(tmp_path / "out" / "bits_per_char_vs_sparsity.png")
   assert "bits_per_char_vs_train_flops.png" in out["files"]
+
+
+def test_tpu_setup_script_copies_the_repository_and_makes_a_python_3_11_environment(
+    tmp_path):
+  script = emit.write_tpu_setup(str(tmp_path), tpu_name="pod-1", zone="us-central2-b",
+                                local_repo=REPO)
+  text = open(script).read()
+  assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+  assert f"git -C {REPO} archive --format=tar.gz" in text
+  assert "tpu-vm scp" in text and text.count("--worker=all") == 2
+  for part in ("uv venv --python 3.11", "jax[tpu]", ".[train,gcs]", "-c constraints.txt"):
+    assert part in text, part
+  # The archive it copies holds the package and the constraints the install reads.
+  archive = tmp_path / "src.tar.gz"
+  subprocess.run(["git", "-C", REPO, "archive", "--format=tar.gz", "-o", str(archive), "HEAD"],
+                 check=True)
+  import tarfile  # pylint: disable=import-outside-toplevel
+  names = tarfile.open(archive).getnames()
+  assert "constraints.txt" in names and "rigl_jax/main.py" in names

@@ -23,11 +23,22 @@ import os
 import shlex
 from typing import Sequence
 
+from rigl_jax import paths
 from rigl_jax.launch import grid
 from rigl_jax.launch import local
 
 SLURM_SCRIPT, SLURM_LIST = "sweep.slurm", "slurm_runs.tsv"
-TPU_SCRIPT = "sweep_tpu.sh"
+TPU_SCRIPT, TPU_SETUP_SCRIPT = "sweep_tpu.sh", "tpu_setup.sh"
+
+
+def _dirs(sweep_dir: str, script_dir: str | None) -> tuple[str, str]:
+  """(the sweep's folder or URL, the local folder of the scripts)."""
+  if script_dir is None:
+    if paths.is_url(sweep_dir):
+      raise ValueError(f"--script_dir: needed with a URL sweep_dir ({sweep_dir}): a local "
+                       f"folder for the scripts and their logs")
+    script_dir = sweep_dir
+  return paths.resolve(sweep_dir), os.path.abspath(script_dir)
 
 
 def _write_script(path: str, text: str) -> str:
@@ -72,8 +83,11 @@ def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
                 partition: str = "", nodes: int = 1, gpus_per_node: int = 1,
                 gres: str | None = None, cpus_per_task: int = 8, mem: str = "",
                 time_limit: str = "24:00:00", setup: Sequence[str] = (),
-                ) -> tuple[str, str]:
-  """Writes ``sweep.slurm`` and ``slurm_runs.tsv`` into ``sweep_dir``; returns their paths.
+                script_dir: str | None = None) -> tuple[str, str]:
+  """Writes ``sweep.slurm`` and ``slurm_runs.tsv`` into ``script_dir`` (default:
+  ``sweep_dir``); returns their paths. The runs' workdirs are in ``sweep_dir``, a
+  shared folder or a ``gs://`` URL (then ``script_dir`` must be given: a local folder
+  that also takes SLURM's logs).
 
   Every run is one array task of ``nodes`` x ``gpus_per_node`` processes, one per GPU
   (``srun``; jax's SLURM detection gives process ``SLURM_LOCALID`` the GPU of that
@@ -99,12 +113,12 @@ def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
                      f"{gpus_per_node}")
   tasks_per_node = max(gpus_per_node, 1)
   processes = nodes * tasks_per_node
-  sweep_dir = os.path.abspath(sweep_dir)
-  os.makedirs(os.path.join(sweep_dir, "slurm"), exist_ok=True)
-  list_path = os.path.join(sweep_dir, SLURM_LIST)
+  sweep_dir, script_dir = _dirs(sweep_dir, script_dir)
+  os.makedirs(os.path.join(script_dir, "slurm"), exist_ok=True)
+  list_path = os.path.join(script_dir, SLURM_LIST)
   with open(list_path, "w") as f:
     for run in runs:
-      run = grid.Run(run.name, run.overrides, os.path.join(sweep_dir, run.name))
+      run = grid.Run(run.name, run.overrides, paths.join(sweep_dir, run.name))
       cmd = local.trainer_command(config_path, run, common, python=python,
                                   distributed=processes > 1)
       f.write(f"{run.name}\t{run.workdir}\t{shlex.join(cmd)}\n")
@@ -112,7 +126,7 @@ def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
   if gres is None:
     gres = f"gpu:{gpus_per_node}" if gpus_per_node else ""
   directives = [f"--job-name={job_name}", f"--array={array}",
-                f"--output={sweep_dir}/slurm/%A_%a.out", f"--error={sweep_dir}/slurm/%A_%a.err",
+                f"--output={script_dir}/slurm/%A_%a.out", f"--error={script_dir}/slurm/%A_%a.err",
                 "--open-mode=append", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
                 f"--cpus-per-task={cpus_per_task}", f"--time={time_limit}",
                 # Without "B:" the signal goes to the job steps (every trainer process),
@@ -128,13 +142,12 @@ def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
       "#!/bin/bash",
       f"# {len(runs)} runs of {config_path}, written by `python -m rigl_jax.launch.sweep --emit=slurm`.",
       f"# Each run: {nodes} node(s) x {tasks_per_node} process(es), one per GPU.",
-      f"# Submit: sbatch {shlex.quote(os.path.join(sweep_dir, SLURM_SCRIPT))}",
+      f"# Submit: sbatch {shlex.quote(os.path.join(script_dir, SLURM_SCRIPT))}",
       "# Finished runs (summary.json present) exit at once. A run stopped by the time limit",
       "# saves a checkpoint, and the task requeues itself; it resumes when it starts again.",
       *(f"#SBATCH {d}" for d in directives),
       "set -uo pipefail",
-      f"SWEEP_DIR={shlex.quote(sweep_dir)}",
-      f'LIST="$SWEEP_DIR/{SLURM_LIST}"',
+      f"LIST={shlex.quote(list_path)}",
       f"PYTHON={shlex.quote(python)}",
       'TASK="${SLURM_ARRAY_TASK_ID:?SLURM_ARRAY_TASK_ID is not set}"',
       'LINE=$(sed -n "$((TASK + 1))p" "$LIST")',
@@ -153,22 +166,24 @@ def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
       'if [[ $rc -eq 0 ]] && ! "$PYTHON" -m rigl_jax.launch.finished "$WORKDIR"; then',
       '  echo "run $NAME stopped before its end (time limit or preemption): requeueing"',
       '  scontrol requeue "$SLURM_JOB_ID" || {',
-      f'    echo "requeue failed: submit {shlex.quote(os.path.join(sweep_dir, SLURM_SCRIPT))} '
+      f'    echo "requeue failed: submit {shlex.quote(os.path.join(script_dir, SLURM_SCRIPT))} '
       'again (finished runs are skipped)" >&2; exit 1; }',
       "fi",
       'exit "$rc"',
       "",
   ]
-  return _write_script(os.path.join(sweep_dir, SLURM_SCRIPT), "\n".join(lines)), list_path
+  return _write_script(os.path.join(script_dir, SLURM_SCRIPT), "\n".join(lines)), list_path
 
 
 def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
               common: dict | None = None, tpu_name: str = "my-tpu-pod", zone: str = "",
               project: str = "", repo_dir: str = "~/rigl_jax",
               python: str = "~/rigl_jax_venv/bin/python", setup: Sequence[str] = (),
-              log_dir: str = "~/rigl_jax_logs", poll_s: int = 60) -> str:
-  """Writes ``sweep_tpu.sh`` into ``sweep_dir``: the runs one after another, each on
-  all workers of the pod; returns its path.
+              log_dir: str = "~/rigl_jax_logs", poll_s: int = 60,
+              script_dir: str | None = None) -> str:
+  """Writes ``sweep_tpu.sh`` into ``script_dir`` (default: ``sweep_dir``; needed when
+  ``sweep_dir`` is a ``gs://`` URL, as pods keep their runs): the runs one after
+  another, each on all workers of the pod; returns its path.
 
   Each run starts detached on every worker (``setsid nohup``, so a dropped SSH
   connection leaves it running), with its output in ``LOG_DIR/SWEEP/RUN/worker-HOST.log``
@@ -187,11 +202,12 @@ def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
   """
   if not runs:
     raise ValueError("no runs to write")
-  os.makedirs(sweep_dir, exist_ok=True)
+  sweep_dir, script_dir = _dirs(sweep_dir, script_dir)
+  os.makedirs(script_dir, exist_ok=True)
   config_rel = os.path.relpath(config_path)
   if config_rel.startswith(".."):
     config_rel = config_path
-  sweep_name = os.path.basename(os.path.normpath(sweep_dir))
+  sweep_name = paths.basename(sweep_dir)
   lines = [
       "#!/bin/bash",
       f"# {len(runs)} runs of {config_path} on a multi-host TPU pod slice, one after another,",
@@ -204,7 +220,7 @@ def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
       f"PROJECT=${{PROJECT:-{shlex.quote(project)}}}",
       'GCLOUD="${GCLOUD:-gcloud}"',
       f'POLL_S="${{POLL_S:-{poll_s}}}"',
-      f"FAILED_LOG={shlex.quote(os.path.join(sweep_dir, 'tpu_failed.txt'))}",
+      f"FAILED_LOG={shlex.quote(os.path.join(script_dir, 'tpu_failed.txt'))}",
       "failed=0",
       "",
       "on_all_workers() {  # REMOTE_COMMAND",
@@ -230,9 +246,12 @@ def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
       '    grep -q "^rigl_jax: running" <<< "$out" || break',
       "  done",
       '  echo "$out"',
-      '  if grep "^rigl_jax: exit" <<< "$out" | grep -qv "^rigl_jax: exit 0 "; then',
+      "  # The summary decides: a worker that found the run finished has no exit code.",
+      '  if grep -q "^rigl_jax: finished" <<< "$out"; then',
+      "    return 0",
+      '  elif grep "^rigl_jax: exit" <<< "$out" | grep -qv "^rigl_jax: exit 0 "; then',
       '    echo "$1" >> "$FAILED_LOG"; failed=$((failed + 1))',
-      '  elif ! grep -q "^rigl_jax: finished" <<< "$out"; then',
+      "  else",
       '    echo "$1: stopped before its end (preempted?); run this script again to resume"',
       "  fi",
       "}",
@@ -245,14 +264,15 @@ def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
     logs = f"{log_dir}/{shlex.quote(sweep_name)}/{shlex.quote(run.name)}"
     workdir = shlex.quote(run.workdir)
     finished = f"{python} -m rigl_jax.launch.finished {workdir}"
-    # $0: the log folder, $1: the host name (the detached shell's arguments).
+    # $0: the log folder, $1: the host name (the detached shell's arguments). With -w,
+    # setsid stays as the run's parent (it may fork), so its pid tells whether it runs.
     detached = (f'{python} {cmd} > "$0/worker-$1.log" 2>&1; echo $? > "$0/exit_code.$1"')
     alive = 'kill -0 "$(cat "$L/pid.$H" 2>/dev/null)" 2>/dev/null'
     start = (f"{prefix} && L={logs} && H=$(hostname) && mkdir -p \"$L\" && "
              f"if {finished}; then echo \"rigl_jax: finished on $H\"; "
              f"elif {alive}; then echo \"rigl_jax: running on $H\"; "
              f"else rm -f \"$L/exit_code.$H\"; "
-             f"setsid nohup bash -c {shlex.quote(detached)} \"$L\" \"$H\" "
+             f"setsid -w nohup bash -c {shlex.quote(detached)} \"$L\" \"$H\" "
              f"< /dev/null > /dev/null 2>&1 & echo $! > \"$L/pid.$H\"; "
              f"echo \"rigl_jax: started on $H\"; fi")
     poll = (f"{prefix} && L={logs} && H=$(hostname) && "
@@ -263,4 +283,46 @@ def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
             f"if {finished}; then echo \"rigl_jax: finished on $H\"; fi")
     lines.append(f"run {shlex.quote(run.name)} {shlex.quote(start)} {shlex.quote(poll)}")
   lines += ["", 'echo "$failed failed run(s)"', "exit $((failed > 0))", ""]
-  return _write_script(os.path.join(sweep_dir, TPU_SCRIPT), "\n".join(lines))
+  return _write_script(os.path.join(script_dir, TPU_SCRIPT), "\n".join(lines))
+
+
+def write_tpu_setup(script_dir: str, *, tpu_name: str = "my-tpu-pod", zone: str = "",
+                    project: str = "", repo_dir: str = "~/rigl_jax",
+                    venv: str = "~/rigl_jax_venv", local_repo: str | None = None) -> str:
+  """Writes ``tpu_setup.sh``: once per slice, it copies this repository (its committed
+  files, ``git archive``) to ``repo_dir`` on every worker and makes a Python 3.11
+  environment there (``uv``: the workers' stock python3 is 3.10 on the TPU images, and
+  jax 0.10 needs 3.11) with ``jax[tpu]`` and the trainer; returns its path."""
+  local_repo = os.path.abspath(local_repo or os.path.dirname(os.path.dirname(
+      os.path.dirname(os.path.abspath(__file__)))))
+  os.makedirs(script_dir, exist_ok=True)
+  remote = " && ".join([
+      "set -e",
+      f"mkdir -p {repo_dir}",
+      f"tar -xzf ~/rigl_jax_src.tar.gz -C {repo_dir}",
+      "python3 -m pip install --user --quiet --upgrade uv",
+      f"~/.local/bin/uv venv --python 3.11 --allow-existing {venv}",
+      f"cd {repo_dir}",
+      f"~/.local/bin/uv pip install --python {venv}/bin/python -c constraints.txt "
+      "'jax[tpu]' -e '.[train,gcs]'",
+      f"{venv}/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), "
+      "jax.device_count())'",
+  ])
+  lines = [
+      "#!/bin/bash",
+      "# Once per TPU slice: this repository and a Python 3.11 environment on every worker,",
+      "# written by `python -m rigl_jax.launch.sweep --emit=tpu`.",
+      "set -euo pipefail",
+      f"TPU_NAME=${{TPU_NAME:-{shlex.quote(tpu_name)}}}",
+      f"ZONE=${{ZONE:-{shlex.quote(zone)}}}",
+      f"PROJECT=${{PROJECT:-{shlex.quote(project)}}}",
+      'GCLOUD="${GCLOUD:-gcloud}"',
+      'ARCHIVE="$(mktemp -d)/rigl_jax_src.tar.gz"',
+      f"git -C {shlex.quote(local_repo)} archive --format=tar.gz -o \"$ARCHIVE\" HEAD",
+      '"$GCLOUD" compute tpus tpu-vm scp "$ARCHIVE" "$TPU_NAME":~/rigl_jax_src.tar.gz \\',
+      '    ${ZONE:+--zone="$ZONE"} ${PROJECT:+--project="$PROJECT"} --worker=all',
+      '"$GCLOUD" compute tpus tpu-vm ssh "$TPU_NAME" ${ZONE:+--zone="$ZONE"} \\',
+      f'    ${{PROJECT:+--project="$PROJECT"}} --worker=all --command={shlex.quote(remote)}',
+      "",
+  ]
+  return _write_script(os.path.join(script_dir, TPU_SETUP_SCRIPT), "\n".join(lines))

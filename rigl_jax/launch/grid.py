@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 
 from rigl_jax import config as config_lib
+from rigl_jax import paths
 
 # Keys first in a run name, in this order; other keys follow sorted; the seed comes last.
 NAME_ORDER = ("method", "distribution", "sparsity", "train_multiplier", "learning_rate",
@@ -251,7 +252,7 @@ def make_runs(overrides_list: Sequence[dict], sweep_dir: str,
       raise ValueError(f"two runs share the workdir name {name!r}: {names[name]} and "
                        f"{overrides}")
     names[name] = overrides
-    runs.append(Run(name=name, overrides=overrides, workdir=os.path.join(sweep_dir, name)))
+    runs.append(Run(name=name, overrides=overrides, workdir=paths.join(sweep_dir, name)))
   return runs
 
 
@@ -268,7 +269,7 @@ def write_manifest(sweep_dir: str, *, config_path: str, common: dict, runs: Sequ
                    base_config: ml_collections.ConfigDict) -> str:
   """``SWEEP_DIR/sweep.json``: the config, shared overrides, base config and the runs
   (merged with the runs listed by earlier invocations on the same directory)."""
-  os.makedirs(sweep_dir, exist_ok=True)
+  paths.makedirs(sweep_dir)
   listed = [{"name": r.name, "overrides": {k: _jsonable(v) for k, v in r.overrides.items()}}
             for r in runs]
   previous = read_manifest(sweep_dir) or {}
@@ -281,20 +282,16 @@ def write_manifest(sweep_dir: str, *, config_path: str, common: dict, runs: Sequ
       "base_config": json.loads(base_config.to_json_best_effort()),
       "runs": kept + listed,
   }
-  path = os.path.join(sweep_dir, MANIFEST)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  path = paths.join(sweep_dir, MANIFEST)
+  paths.write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
   return path
 
 
 def read_manifest(sweep_dir: str) -> dict | None:
-  path = os.path.join(sweep_dir, MANIFEST)
-  if not os.path.exists(path):
+  path = paths.join(sweep_dir, MANIFEST)
+  if not paths.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def check_command_line(argv, config: str | None, sweep_dir: str | None) -> str:

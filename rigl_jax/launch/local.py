@@ -36,7 +36,9 @@ INCOMPLETE, RUNNING, INTERRUPTED = "incomplete", "running", "interrupted"
 
 
 def is_finished(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, SUMMARY))
+  """Whether the workdir (a path or a URL) holds a finished run's summary."""
+  from rigl_jax import paths  # pylint: disable=import-outside-toplevel
+  return paths.exists(paths.join(workdir, SUMMARY))
 
 
 def trainer_command(config_path: str, run: grid.Run, common: dict | None = None, *,
@@ -101,6 +103,9 @@ class StatusFile:
 
 def read_status(sweep_dir: str) -> dict:
   """``{name: entry}`` of ``SWEEP_DIR/status.json`` ({} when there is none)."""
+  from rigl_jax import paths  # pylint: disable=import-outside-toplevel
+  if paths.is_url(sweep_dir):  # status.json belongs to local sweeps (emitted ones have none)
+    return {}
   path = os.path.join(sweep_dir, STATUS)
   return StatusFile(path).data["runs"] if os.path.exists(path) else {}
 

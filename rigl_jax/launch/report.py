@@ -39,6 +39,7 @@ from typing import Any, Sequence
 from absl import app, flags
 
 from rigl_jax import names
+from rigl_jax import paths as rigl_paths
 from rigl_jax.launch import grid, local
 
 OK, FAILED, DIVERGED, UNFINISHED, RUNNING, NOT_RUN = (
@@ -75,9 +76,8 @@ class RunResult:
 
 def _read_json(path: str):
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
+    return json.loads(rigl_paths.read_text(path))
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError):
     return None
 
 
@@ -85,14 +85,14 @@ def read_metrics(workdir: str) -> list[dict]:
   """The JSON lines of ``metrics.jsonl`` ([] when missing; cut lines skipped)."""
   records = []
   try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      for line in f:
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError:
-          continue
+    text = rigl_paths.read_text(rigl_paths.join(workdir, "metrics.jsonl"), errors="replace")
   except OSError:
-    pass
+    return records
+  for line in text.splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
   return records
 
 
@@ -119,7 +119,7 @@ def _outcome(workdir: str, summary: dict | None, entry: dict) -> tuple[str, str]
     return DIVERGED, "non-finite loss or gradient (metrics.jsonl)"
   if state == local.RUNNING:
     return RUNNING, "running (status.json)"
-  if os.path.isdir(workdir):
+  if rigl_paths.is_dir(workdir):
     return UNFINISHED, f"no summary.json{f' ({state})' if state else ''}"
   return NOT_RUN, "no workdir"
 
@@ -136,21 +136,21 @@ def collect(sweep_dir: str) -> list[RunResult]:
     if name not in overrides:
       names.append(name)
       overrides[name] = entry.get("overrides") or grid.parse_run_name(name)
-  if os.path.isdir(sweep_dir):
-    for name in sorted(os.listdir(sweep_dir)):
-      workdir = os.path.join(sweep_dir, name)
-      is_run = any(os.path.exists(os.path.join(workdir, f))
+  if rigl_paths.is_dir(sweep_dir):
+    for name in rigl_paths.listdir(sweep_dir):
+      workdir = rigl_paths.join(sweep_dir, name)
+      is_run = any(rigl_paths.exists(rigl_paths.join(workdir, f))
                    for f in ("config.json", "summary.json", local.STDERR, "metrics.jsonl"))
-      if name not in overrides and os.path.isdir(workdir) and is_run:
+      if name not in overrides and is_run:
         names.append(name)
         overrides[name] = grid.parse_run_name(name)
   results = []
   for name in names:
-    workdir = os.path.join(sweep_dir, name)
-    summary = _read_json(os.path.join(workdir, "summary.json"))
+    workdir = rigl_paths.join(sweep_dir, name)
+    summary = _read_json(rigl_paths.join(workdir, "summary.json"))
     fields = dict(base)
     fields.update(overrides[name])
-    fields.update(_read_json(os.path.join(workdir, "config.json")) or {})
+    fields.update(_read_json(rigl_paths.join(workdir, "config.json")) or {})
     if summary:
       fields.update({k: summary[k] for k in ("method", "distribution", "sparsity", "seed",
                                              "train_multiplier") if k in summary})

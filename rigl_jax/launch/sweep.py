@@ -34,6 +34,7 @@ import sys
 
 from absl import app, flags
 
+from rigl_jax import paths
 from rigl_jax.launch import cost, emit, grid, local
 
 def define_flags():
@@ -55,7 +56,8 @@ def define_flags():
   flags.DEFINE_multi_string("set", [], "KEY=VALUE override of every run (not in the names).")
   flags.DEFINE_bool("dry_run", False, "Print the runs and commands; run nothing.")
   flags.DEFINE_string("python", None, "Interpreter of the runs (default: this one locally, "
-                      "'python' for SLURM, 'python3' for TPU).")
+                      "'python' for SLURM, the Python 3.11 environment tpu_setup.sh makes, "
+                      "~/rigl_jax_venv/bin/python, for TPU).")
   flags.DEFINE_bool("estimate", False, "Print accelerator hours of the grid; run nothing.")
   flags.DEFINE_multi_string("seconds_per_step", [], "LABEL=SECONDS per training step for "
                             "--estimate (e.g. a100=0.05), repeatable.")
@@ -72,6 +74,8 @@ def define_flags():
   flags.DEFINE_string("slurm_mem", "", "#SBATCH --mem ('' leaves it out).")
   flags.DEFINE_string("slurm_time", "24:00:00", "#SBATCH --time.")
   flags.DEFINE_multi_string("slurm_setup", [], "Shell line before each run (repeatable).")
+  flags.DEFINE_string("script_dir", None, "With --emit: the local folder of the scripts "
+                      "(default: --sweep_dir; needed when --sweep_dir is a gs:// URL).")
   flags.DEFINE_string("repo_dir", None, "The repository on the nodes (default: this "
                       "directory for SLURM, ~/rigl_jax for TPU).")
   # TPU pods.
@@ -156,6 +160,9 @@ def main(argv):
       devices = (emit.tpu_devices(FLAGS.tpu_type) if FLAGS.emit == "tpu" else
                  FLAGS.slurm_nodes * max(FLAGS.slurm_gpus_per_node, 1))
       emit.check_runs_fit(runs, base, common, devices)
+      if paths.is_url(sweep_dir) and not FLAGS.script_dir:
+        raise ValueError(f"--script_dir: needed with a URL --sweep_dir ({sweep_dir}): a "
+                         f"local folder for the scripts and their logs")
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
@@ -170,7 +177,8 @@ def main(argv):
         partition=FLAGS.slurm_partition, nodes=FLAGS.slurm_nodes,
         gpus_per_node=FLAGS.slurm_gpus_per_node, gres=FLAGS.slurm_gres,
         cpus_per_task=FLAGS.slurm_cpus,
-        mem=FLAGS.slurm_mem, time_limit=FLAGS.slurm_time, setup=FLAGS.slurm_setup)
+        mem=FLAGS.slurm_mem, time_limit=FLAGS.slurm_time, setup=FLAGS.slurm_setup,
+        script_dir=FLAGS.script_dir)
     done = sum(local.is_finished(r.workdir) for r in runs)
     print(f"wrote {script} and {listing}: {len(runs)} tasks ({done} already finished)\n"
           f"submit: sbatch {script}")
@@ -179,12 +187,20 @@ def main(argv):
     script = emit.write_tpu(
         runs, sweep_dir, config_path=config_path, common=common, tpu_name=FLAGS.tpu_name,
         zone=FLAGS.tpu_zone, project=FLAGS.tpu_project,
-        repo_dir=FLAGS.repo_dir or "~/rigl_jax", python=FLAGS.python or "python3",
-        setup=FLAGS.tpu_setup)
-    print(f"wrote {script}: {len(runs)} runs, one after another on all workers\n"
-          f"run: bash {script}")
+        repo_dir=FLAGS.repo_dir or "~/rigl_jax",
+        python=FLAGS.python or "~/rigl_jax_venv/bin/python",
+        setup=FLAGS.tpu_setup, script_dir=FLAGS.script_dir)
+    setup = emit.write_tpu_setup(
+        os.path.dirname(script), tpu_name=FLAGS.tpu_name, zone=FLAGS.tpu_zone,
+        project=FLAGS.tpu_project, repo_dir=FLAGS.repo_dir or "~/rigl_jax")
+    print(f"wrote {script}: {len(runs)} runs, one after another on all workers, and "
+          f"{setup}\nonce per slice: bash {setup}\nthen: bash {script}")
     return
 
+  if paths.is_url(sweep_dir):
+    print(f"error: --sweep_dir: {sweep_dir} is a URL; a sweep on this machine keeps its "
+          f"runs in a local folder (URLs are for --emit=slurm or --emit=tpu)", file=sys.stderr)
+    sys.exit(2)
   states = local.run_sweep(runs, sweep_dir, config_path=config_path, common=common,
                            base_config=base, concurrency=FLAGS.concurrency,
                            python=FLAGS.python or sys.executable)
