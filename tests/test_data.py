@@ -432,7 +432,7 @@ def test_prepared_tfrecord_without_tensorflow_says_how_to_fix(prepared_cifar10,
 @needs_tf
 def test_imagenet_stream_through_mock_data(monkeypatch):
   from rigl_jax.data import imagenet  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(imagenet, "SHUFFLE_BUFFER", 8)  # the default is for 1.2M images
+  monkeypatch.setattr(imagenet, "WINDOW", 3)  # the default is for 1.2M images
   with tfds().testing.mock_data(num_examples=12):
     p = make("imagenet2012", global_batch_size=4, eval_batch_size=8,
              validation_size=4)
@@ -444,6 +444,13 @@ def test_imagenet_stream_through_mock_data(monkeypatch):
     assert batches[0]["image"].dtype == np.float32
     assert batches[0]["label"].dtype == np.int32
     assert_batches_equal(take(p.train_batches(2), 1), batches[2:])
+    # 8 train examples, 2 steps an epoch: every resume point, across epochs, gives the
+    # stream of an uninterrupted run; epochs take the windows in other orders.
+    stream = take(p.train_batches(0), 6)
+    for k in range(1, 6):
+      assert_batches_equal(take(p.train_batches(k), 6 - k), stream[k:])
+    assert any(not np.array_equal(stream[i]["label"], stream[i + 2]["label"])
+               for i in range(2))
     # 12 test examples in batches of 8: the second batch has 4 padding rows.
     evals = list(p.eval_batches("test"))
   assert [int(e["mask"].sum()) for e in evals] == [8, 4]

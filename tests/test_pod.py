@@ -123,7 +123,8 @@ def test_four_processes_of_four_devices_match_one_device(tmp_path, one_device_ru
 
 @pytest.mark.slow
 def test_a_batch_norm_resnet_on_sixteen_devices_matches_one_device(tmp_path):
-  """WRN-22-2 (batch norm; dropout off) on 16 devices, 2 examples each: the batch
+  """WRN-22-2 (batch norm; dropout off) on 16 devices (one process, and 4 processes of
+  4 devices), 2 examples each: the batch
   statistics are over the global batch, so the first step's loss equals one device's
   to float32 rounding (per-device statistics would be far off). A deep net at lr 0.1
   amplifies rounding, so later steps are compared more loosely."""
@@ -131,17 +132,21 @@ def test_a_batch_norm_resnet_on_sixteen_devices_matches_one_device(tmp_path):
           "--config.log_every=1", "--config.eval_every=0", "--config.update_every=2",
           "--config.validation_size=100", "--config.eval_batch_size=200",
           "--config.dropout_rate=0")
-  for devices in (1, 16):
-    [proc] = launch(tmp_path / f"wd{devices}", args, env=env_with(devices, tmp_path / "cache"),
-                    log=tmp_path / f"log{devices}")
-    rc, log = finish(proc)
-    assert rc == 0, log[-3000:]
-  one, many = metrics(tmp_path / "wd1"), metrics(tmp_path / "wd16")
-  assert [r["step"] for r in one] == [r["step"] for r in many] == [1, 2, 3]
-  assert one[0]["loss"] == pytest.approx(many[0]["loss"], rel=1e-5)
-  for a, b in zip(one, many):
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
-    assert a["layer_densities"] == b["layer_densities"]  # mask update at step 2
+  layouts = {"one": (1, 1), "16_devices": (1, 16), "4_processes_x_4": (4, 4)}
+  for name, (processes, devices) in layouts.items():
+    procs = launch(tmp_path / name, args, env=env_with(devices, tmp_path / "cache"),
+                   log=tmp_path / f"log_{name}", processes=processes, port=free_port())
+    for proc in procs:
+      rc, log = finish(proc, timeout=600)
+      assert rc == 0, log[-3000:]
+  one = metrics(tmp_path / "one")
+  for name in ("16_devices", "4_processes_x_4"):
+    many = metrics(tmp_path / name)
+    assert [r["step"] for r in one] == [r["step"] for r in many] == [1, 2, 3]
+    assert one[0]["loss"] == pytest.approx(many[0]["loss"], rel=1e-5), name
+    for a, b in zip(one, many):
+      assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), name
+      assert a["layer_densities"] == b["layer_densities"]  # mask update at step 2
 
 
 def test_eval_batch_is_padded_to_the_device_count_not_refused():

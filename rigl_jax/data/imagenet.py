@@ -4,18 +4,21 @@ Needs TensorFlow (`pip install 'rigl_jax[tf]'`), imported only when this
 pipeline is built. Splits: train = `train[:-V]`, val = `train[-V:]` (V =
 validation_size, 10,000 by default), test = tfds' `validation` (50,000).
 
-Multi-host: each process reads its own contiguous part of a split
-(`tfds.split_for_jax_process`), so the global batch is the concatenation of the
-local batches in process order, as for the in-memory pipeline, but the rows of
-a global batch are not the same examples as with another process count.
+Multi-host: each process reads its own contiguous part of the train split, so the
+global batch is the concatenation of the local batches in process order, as for
+the in-memory pipeline, but the rows of a global batch are not the same examples
+as with another process count.
 
-Determinism and resume: file order (`ReadConfig(shuffle_seed=seed)`) and the
-example shuffle buffer are seeded, tf.data runs deterministically, and the
-augmentation of the example at position `i` of this process's stream uses the
-stateless seed (seed, i * process_count + process_index). Resuming at step k
-skips the first `k * local_batch` raw records before any decoding, so the
-stream matches the one that was interrupted; the skip still reads those
-records (minutes for a late step of a long run).
+Order, determinism and resume: a process's part is cut into windows of `WINDOW`
+consecutive records (tfds writes the records of a split shuffled); every epoch
+takes the windows in an order drawn from (seed, epoch) and shuffles each window
+whole with a seed from (seed, epoch, window); an epoch ends after
+`steps_per_epoch` local batches. The stream is thus a function of (seed, step):
+resuming at step k opens the window that holds the step's first example and skips
+inside it before any decoding, so a resume at any step reads at most one window
+(what a fresh start reads to fill its shuffle) instead of every record before it.
+The augmentation of the example at position `i` of this process's stream uses the
+stateless seed (seed, i * process_count + process_index).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ NAME = "imagenet2012"
 NUM_CLASSES = 1000
 IMAGE_SIZE = 224
 RESIZE_SIZE = 256  # eval: shorter side resized to this, then centre crop 224
-SHUFFLE_BUFFER = 16_384  # examples; about 2 GB of encoded JPEGs per process
+WINDOW = 16_384  # examples shuffled together; about 2 GB of encoded JPEGs per process
+_WINDOW_ORDER_STREAM, _WINDOW_SHUFFLE_STREAM = 1, 2  # numpy seed streams
 # ImageNet RGB statistics in [0, 255] pixel units.
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -147,16 +151,48 @@ class ImageNetPipeline(Pipeline):
 
   # -- streams ---------------------------------------------------------------
 
+  def _window_bounds(self) -> list[tuple[int, int]]:
+    """This process's part of the train split as windows [a, b) of record indices in
+    tfds' ``train`` split: ``num_train // process_count`` records from
+    ``process_index * that``, cut into windows of ``WINDOW`` records."""
+    size = self.info.num_train // self.layout.process_count
+    first = self.layout.process_index * size
+    return [(first + a, first + min(a + WINDOW, size)) for a in range(0, size, WINDOW)]
+
+  def _epoch(self, epoch: int, position: int):
+    """The examples of ``epoch`` from ``position`` on (0-based, in this process's
+    stream), enumerated with their index in the whole stream. The windows come in an
+    order drawn from (seed, epoch); each window is shuffled whole with a seed from
+    (seed, epoch, window). Starting at any position reads one window at most before
+    the first example: a resume costs what a fresh start costs."""
+    tf = self._tf
+    per_epoch = self.steps_per_epoch * self.layout.local_batch_size
+    windows = self._window_bounds()
+    order = np.random.default_rng([self._seed, _WINDOW_ORDER_STREAM, epoch]).permutation(
+        len(windows))
+    parts, start = [], 0
+    for w in order:
+      a, b = windows[w]
+      if start + (b - a) > position and start < per_epoch:
+        ds = self._load(f"train[{a}:{b}]", shuffle_files=False).take(b - a)
+        window_seed = int(np.random.default_rng(
+            [self._seed, _WINDOW_SHUFFLE_STREAM, epoch, int(w)]).integers(2**31))
+        ds = ds.shuffle(b - a, seed=window_seed, reshuffle_each_iteration=False)
+        parts.append(ds.skip(max(position - start, 0)))
+      start += b - a
+    ds = parts[0]
+    for part in parts[1:]:
+      ds = ds.concatenate(part)
+    ds = ds.take(per_epoch - position)  # the epoch's remainder is dropped, as before
+    return ds.enumerate(start=epoch * per_epoch + position)
+
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     if start_step < 0:
       raise ValueError(f"start_step={start_step} must be >= 0")
     tf = self._tf
     local = self.layout.local_batch_size
     pi, pc = self.layout.process_index, self.layout.process_count
-    ds = self._load(self._process_split(self._splits["train"], True), shuffle_files=True)
-    ds = ds.repeat().shuffle(SHUFFLE_BUFFER, seed=self._seed,
-                             reshuffle_each_iteration=True)
-    ds = ds.enumerate().skip(start_step * local)  # skip before decoding: cheap
+    spe = self.steps_per_epoch
 
     def prepare(index, example):
       seed = tf.stack([tf.constant(self._seed, tf.int64), index * pc + pi])
@@ -166,9 +202,14 @@ class ImageNetPipeline(Pipeline):
         image = self._eval_image(example["image"])
       return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    yield from self._tfds.as_numpy(ds)
+    epoch, step_in_epoch = divmod(start_step, spe)
+    position = step_in_epoch * local
+    while True:  # an epoch holds whole batches: no batch spans two epochs
+      ds = self._epoch(epoch, position)
+      ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+      yield from self._tfds.as_numpy(ds)
+      epoch, position = epoch + 1, 0
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     check_eval_split(self.info, split)
