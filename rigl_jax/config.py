@@ -118,10 +118,17 @@ def _require(cond: bool, field: str, message: str):
     raise ConfigError(f"config.{field}: {message}")
 
 
+# Models that take images (height, width, channels).
+CONV_MODELS = ("lenet5", "wrn_22_2", "resnet50_cifar", "resnet50_imagenet", "mobilenet_v1")
+
+# Step counts and sizes live in int32 inside the jitted step.
+INT_MAX = 2**31 - 1
+
+
 def _int_at_least(c, field: str, low: int):
   value = c[field]
-  _require(isinstance(value, int) and not isinstance(value, bool) and value >= low, field,
-           f"must be an int >= {low}, got {value!r}")
+  _require(isinstance(value, int) and not isinstance(value, bool) and low <= value <= INT_MAX,
+           field, f"must be an int in [{low}, {INT_MAX}], got {value!r}")
 
 
 def _number_in(c, field: str, low: float, high: float, *, high_open: bool = False):
@@ -166,6 +173,10 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
            "augmentation",
            f"{c.augmentation!r} is for the in-memory image sets; dataset {c.dataset!r} "
            f"allows 'default' or 'none'")
+  image_input = len(data.input_spec(c.dataset, 1)[0]) == 3
+  _require(image_input or c.model not in CONV_MODELS, "model",
+           f"{c.model!r} is a convolutional net for images (height, width, channels); "
+           f"dataset {c.dataset!r} has 1-D examples: use 'lenet_300_100'")
   rate = c.dropout_rate
   _require(isinstance(rate, (int, float)) and not isinstance(rate, bool) and
            (rate == -1 or 0 <= rate < 1), "dropout_rate",
@@ -197,9 +208,13 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
   # Seeds of 2**32 and more wrap around in jax.random.key (without x64): no silent aliasing.
   _require(c.seed < 2**32, "seed", f"must be an int < 2**32, got {c.seed}")
   _require(isinstance(c.lr_drop_steps, (tuple, list)) and
-           all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+           all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= INT_MAX
                for s in c.lr_drop_steps), "lr_drop_steps",
-           f"must be a list of step numbers >= 0, got {c.lr_drop_steps!r}")
+           f"must be a list of step numbers in [0, {INT_MAX}], got {c.lr_drop_steps!r}")
+  # The Transformer's attention scores hold sequence_length**2 entries per row.
+  _require(c.model != "char_transformer_small" or c.sequence_length**2 <= INT_MAX,
+           "sequence_length", f"must be <= 46340 for {c.model!r} (its attention has "
+           f"sequence_length**2 entries), got {c.sequence_length}")
   _require(isinstance(c.dense_layers, (tuple, list)) and
            all(isinstance(p, str) for p in c.dense_layers), "dense_layers",
            f"must be a list of regex strings, got {c.dense_layers!r}")
@@ -234,6 +249,12 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
     _require(bool(c.source_workdir), "source_workdir",
              "method 'lottery' needs the workdir of a finished pruning run")
   total = total_steps_hint(c)
+  for field, steps in (("num_train_steps", total),
+                       ("end_step", int(round(max(c.end_step, 0) * c.train_multiplier))),
+                       ("lr_drop_steps", max([0, *lr_drop_steps(c)]))):
+    _require(steps is None or steps <= INT_MAX, field,
+             f"times train_multiplier={c.train_multiplier} is {steps} steps, more than a "
+             f"step counter holds ({INT_MAX})")
   if total is not None:
     end = end_step(c, total)
     _require(end >= c.start_step, "end_step",

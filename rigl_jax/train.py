@@ -387,6 +387,16 @@ def setup(c: ml_collections.ConfigDict, workdir: str) -> Setup:
   workdir_lib.check_config(c, workdir)
   info = pipeline.info
   total = config_lib.total_steps(c, pipeline.steps_per_epoch)
+  if total > config_lib.INT_MAX:
+    raise config_lib.ConfigError(
+        f"config.num_epochs: {c.num_epochs} epochs x {pipeline.steps_per_epoch} steps x "
+        f"train_multiplier={c.train_multiplier} is {total} steps, more than a step counter "
+        f"holds ({config_lib.INT_MAX})")
+  if total < 1:
+    raise config_lib.ConfigError(
+        f"config.num_train_steps: the run would train 0 steps (num_train_steps="
+        f"{c.num_train_steps}, num_epochs={c.num_epochs}, train_multiplier="
+        f"{c.train_multiplier}); give at least one step")
   end = config_lib.end_step(c, total)
   if end < c.start_step:
     raise config_lib.ConfigError(f"config.end_step: resolves to {end}, before "

@@ -25,12 +25,13 @@ import re
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from rigl_jax import config as config_lib
 from rigl_jax import paths
 
 # What the trainer writes in a workdir: name -> whether it is a directory.
-ENTRIES = {"config.json": False, "metrics.jsonl": False, "summary.json": False,
+ENTRIES = {".lock": False, "config.json": False, "metrics.jsonl": False, "summary.json": False,
            "checkpoints": True, "tensorboard": True, "initial_params": True,
            "final_masks": True}
 
@@ -125,12 +126,25 @@ def check_config(c, workdir: str) -> None:
   asked = config_dict(c)
   diff = sorted(k for k in set(saved) | set(asked)
                 if k not in RESUMABLE_FIELDS and saved.get(k) != asked.get(k))
+  if diff and not has_checkpoint(workdir):
+    # Nothing trained yet (a run that failed before its first checkpoint): not a run
+    # to protect, so the corrected command starts afresh.
+    logging.warning("The workdir %s holds no checkpoint of its earlier config (differing: "
+                    "%s): starting afresh with this one.", workdir, ", ".join(diff))
+    return
   if diff:
     k = diff[0]
     raise config_lib.ConfigError(
         f"config.{k}: the workdir {workdir} holds a run with {k}={saved.get(k)!r}, not "
         f"{asked.get(k)!r} (differing fields: {', '.join(diff)}); use another workdir or "
         f"--config.overwrite=True")
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether the workdir holds a finished run or at least one checkpoint step."""
+  ckpt_dir = paths.join(workdir, "checkpoints")
+  return (paths.exists(paths.join(workdir, "summary.json")) or
+          (paths.is_dir(ckpt_dir) and any(n.isdigit() for n in paths.listdir(ckpt_dir))))
 
 
 def create(c, workdir: str) -> None:
@@ -142,9 +156,44 @@ def create(c, workdir: str) -> None:
     raise config_lib.ConfigError(
         f"workdir: cannot create {workdir!r}: {e.strerror or e}") from None
   if jax.process_index() == 0:
+    hold_lock(workdir)
     write_json_atomic(paths.join(workdir, "config.json"), config_dict(c))
   if jax.process_count() > 1:
     check_shared(workdir)
+
+
+LOCK = ".lock"
+_held_locks = []  # open lock files: a lock lasts as long as its process
+
+
+def hold_lock(workdir: str) -> None:
+  """One run per workdir: an advisory lock (``flock``) on ``WORKDIR/.lock`` that this
+  process holds until it exits. The kernel drops it when the process dies, SIGKILL
+  included, so a killed run never leaves the workdir locked. A second run gets a
+  ConfigError naming the holder's process id. (Object stores have no locks: a gs://
+  workdir is not locked.)"""
+  if paths.is_url(workdir):
+    return
+  import fcntl  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, LOCK)
+  try:
+    f = open(path, "a+")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise config_lib.ConfigError(f"workdir: cannot open {path}: {e.strerror}") from None
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    holder = f.read().strip() or "?"
+    f.close()
+    raise config_lib.ConfigError(
+        f"workdir: {workdir} is in use by process {holder} (one run per workdir); wait for "
+        f"it to end or stop it, then rerun to resume") from None
+  f.seek(0)
+  f.truncate()
+  f.write(str(os.getpid()))
+  f.flush()
+  _held_locks.append(f)
 
 
 SHARED_TOKEN = ".shared_token"

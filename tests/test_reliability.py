@@ -720,3 +720,52 @@ def test_workdir_that_cannot_be_made_is_one_error_line_and_makes_nothing(tmp_pat
   [line] = error_lines(log)
   assert line.startswith("error: workdir: the path component 'xxx") and "Traceback" not in log
   assert not (tmp_path / "a").exists()
+
+
+# ----------------------------------------------------------------------------- one run per workdir
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_leaves_no_lock(
+    tmp_path, cache_env):
+  workdir = tmp_path / "busy"
+  first = start(workdir, "--config.num_train_steps=1000000", "--config.log_every=20",
+                "--config.checkpoint_every=40", env=cache_env)
+  path = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (path.exists() and path.read_text().count("\n") >= 2):
+    assert first.poll() is None, finish(first)[1][-3000:]
+    time.sleep(0.02)
+  before = path.read_text()
+  rc, log = run(workdir, "--config.num_train_steps=1000000", "--config.log_every=20",
+                "--config.checkpoint_every=40", env=cache_env)
+  assert rc == 2, log[-3000:]
+  [line] = error_lines(log)
+  assert line == (f"error: workdir: {workdir} is in use by process {first.pid} (one run per "
+                  f"workdir); wait for it to end or stop it, then rerun to resume")
+  assert "Traceback" not in log
+  # The refused run wrote nothing: the first one's log goes on, one record per step.
+  first.send_signal(signal.SIGKILL)
+  first.wait()
+  records = [json.loads(l) for l in path.read_text().splitlines()]
+  steps = [r["step"] for r in records if "loss" in r]  # the training records
+  assert path.read_text().startswith(before) and steps == sorted(set(steps))
+  # SIGKILL released the lock: the same command resumes.
+  rc, log = run(workdir, "--config.num_train_steps=200", "--config.log_every=20",
+                "--config.checkpoint_every=40", "--config.overwrite=True", env=cache_env)
+  assert rc == 0, log[-3000:]
+  assert "Resumed" in log
+
+
+def test_two_sweeps_on_one_directory_is_one_error_line(tmp_path):
+  from rigl_jax.launch import local  # pylint: disable=import-outside-toplevel
+  sweep_dir = tmp_path / "sweep"
+  with local.sweep_lock(str(sweep_dir)):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rigl_jax.launch.sweep", f"--config={REPO}/configs/quickstart.py",
+         f"--sweep_dir={sweep_dir}", "--methods=rigl", "--set=num_train_steps=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      f"error: --sweep_dir: another sweep is running in {sweep_dir} (its lock: "
+      f"{sweep_dir}/.sweep.lock)"]

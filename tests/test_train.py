@@ -188,9 +188,21 @@ def test_two_devices_match_one(tmp_path):
     ("--config.method=magic", "config.method: must be one of"),
     ("--config.distribution=normal", "config.distribution: must be one of"),
     ("--config.sparsity=1.0", "config.sparsity: must be a number in [0.0, 1.0)"),
-    ("--config.num_train_steps=-5", "config.num_train_steps: must be an int >= -1"),
-    ("--config.batch_size=0", "config.batch_size: must be an int >= 1"),
+    ("--config.num_train_steps=-5", "config.num_train_steps: must be an int in [-1, 2147483647]"),
+    ("--config.batch_size=0", "config.batch_size: must be an int in [1, 2147483647]"),
     ("--config.dense_layers=('nomatch',)", "dense: pattern 'nomatch' matches no parameter"),
+    # Integers past int32 used to pass, then fail after writing the workdir.
+    ("--config.warmup_steps=1000000000000",
+     "config.warmup_steps: must be an int in [-1, 2147483647]"),
+    ("--config.update_every=3000000000", "config.update_every: must be an int in [1, "),
+    ("--config.end_step=3000000000", "config.end_step: must be an int in [-1, "),
+    ("--config.lr_drop_steps=(3000000000,)",
+     "config.lr_drop_steps: must be a list of step numbers in [0, 2147483647]"),
+    ("--config.train_multiplier=1e9", "config.lr_drop_steps: times train_multiplier="
+     "1000000000.0 is 583000000000 steps, more than a step counter holds"),
+    # Runs of 0 steps used to write the summary of an untrained model.
+    ("--config.num_train_steps=0", "config.num_train_steps: the run would train 0 steps"),
+    ("--config.train_multiplier=1e-9", "config.num_train_steps: the run would train 0 steps"),
 ])
 def test_bad_config_one_line_and_nothing_written(tmp_path, override, message):
   workdir = tmp_path / "wd"
@@ -354,3 +366,44 @@ def test_first_ctrl_c_requests_a_save_and_the_second_stops_at_once():
       time.sleep(0.05)
   # The handlers are restored afterwards.
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("--config.model=lenet5", "--config.dataset=mnist1d"),
+     "config.model: 'lenet5' is a convolutional net for images"),
+    (("--config.model=char_transformer_small", "--config.dataset=pystdlib",
+      "--config.sequence_length=100000"),
+     "config.sequence_length: must be <= 46340 for 'char_transformer_small'"),
+])
+def test_models_that_cannot_take_the_data_are_one_line(tmp_path, overrides, message):
+  result = run_main(tmp_path / "wd", *overrides)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr and not (tmp_path / "wd").exists()
+
+
+def test_a_workdir_without_a_checkpoint_takes_the_corrected_config(tmp_path):
+  """A run that failed before its first checkpoint is not yet a run: the corrected
+  command starts afresh instead of being refused by the config guard."""
+  workdir = tmp_path / "wd"
+  result = run_main(workdir, "--config.learning_rate=1000000.0", "--config.num_train_steps=40",
+                    "--config.checkpoint_every=1000", "--config.log_every=5")
+  assert result.returncode == 3, result.stderr[-2000:]  # diverged, no checkpoint
+  assert (workdir / "config.json").exists()
+  result = run_main(workdir, "--config.num_train_steps=40", "--config.checkpoint_every=1000",
+                    "--config.log_every=5")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "starting afresh with this one" in result.stderr
+  assert json.load(open(workdir / "config.json"))["learning_rate"] == 0.1
+  # Once it holds a checkpoint, the guard protects it again.
+  result = run_main(workdir, "--config.learning_rate=0.5", "--config.num_train_steps=40")
+  assert result.returncode == 2 and "config.learning_rate: the workdir" in result.stderr
+
+
+def test_epochs_that_overflow_the_step_counter_are_refused_in_setup(tmp_path):
+  c = small_config(num_train_steps=-1, num_epochs=10**9, lr_drop_steps=())
+  with pytest.raises(config_lib.ConfigError, match=r"config\.num_epochs: 1000000000 epochs x "
+                     r"\d+ steps x train_multiplier=1.0 is \d+ steps, more than a step counter"):
+    train.setup(c, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()

@@ -110,6 +110,10 @@ def read_status(sweep_dir: str) -> dict:
   return StatusFile(path).data["runs"] if os.path.exists(path) else {}
 
 
+class SweepInUse(RuntimeError):
+  """Another sweep holds the sweep directory."""
+
+
 @contextlib.contextmanager
 def sweep_lock(sweep_dir: str):
   """One sweep process per directory: a second one fails at once instead of racing."""
@@ -118,7 +122,8 @@ def sweep_lock(sweep_dir: str):
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      raise RuntimeError(f"another sweep is running in {sweep_dir}") from None
+      raise SweepInUse(f"another sweep is running in {sweep_dir} (its lock: "
+                       f"{os.path.join(sweep_dir, '.sweep.lock')})") from None
     try:
       yield
     finally:

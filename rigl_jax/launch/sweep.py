@@ -201,9 +201,13 @@ def main(argv):
     print(f"error: --sweep_dir: {sweep_dir} is a URL; a sweep on this machine keeps its "
           f"runs in a local folder (URLs are for --emit=slurm or --emit=tpu)", file=sys.stderr)
     sys.exit(2)
-  states = local.run_sweep(runs, sweep_dir, config_path=config_path, common=common,
-                           base_config=base, concurrency=FLAGS.concurrency,
-                           python=FLAGS.python or sys.executable)
+  try:
+    states = local.run_sweep(runs, sweep_dir, config_path=config_path, common=common,
+                             base_config=base, concurrency=FLAGS.concurrency,
+                             python=FLAGS.python or sys.executable)
+  except local.SweepInUse as e:
+    print(f"error: --sweep_dir: {e}", file=sys.stderr)
+    sys.exit(2)
   if any(s in (local.FAILED, local.DIVERGED) for s in states.values()):
     sys.exit(1)
 

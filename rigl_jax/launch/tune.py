@@ -309,8 +309,12 @@ def main(argv):
     return
 
   if FLAGS.mode == "lr_grid":
-    states = run_lr_grid(config_path, sweep_dir, seeds=seeds, fixed=fixed,
-                         concurrency=FLAGS.concurrency)
+    try:
+      states = run_lr_grid(config_path, sweep_dir, seeds=seeds, fixed=fixed,
+                           concurrency=FLAGS.concurrency)
+    except local.SweepInUse as e:
+      print(f"error: --sweep_dir: {e}", file=sys.stderr)
+      sys.exit(2)
     if any(s in (local.FAILED, local.DIVERGED) for s in states.values()):
       sys.exit(1)
     return
