@@ -55,6 +55,9 @@ class _QuietLibraries:
   the cause in one line."""
 
   def filter(self, record) -> bool:
+    if (record.levelno < 30 and "xla_bridge" in record.pathname and
+        str(record.msg).startswith("Unable to initialize backend")):
+      return False  # JAX trying each platform it knows (tpu on a CPU machine): not news
     if "orbax" not in record.pathname:
       return True
     record.exc_info = record.exc_text = None
@@ -191,7 +194,8 @@ def _initialize_distributed(jax):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _fail(f"flags: unexpected argument(s) {' '.join(argv[1:])!r}: every setting is a flag "
+          f"(--workdir=..., --config.FIELD=...); see --help", EXIT_BAD_INPUT)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # gcsfs logs a traceback for each object-store rename it then does by copy and delete
   # (the quarantine of a bad checkpoint step on gs://): noise, the fallback works.
@@ -213,6 +217,12 @@ def main(argv):
                       os.path.expanduser(FLAGS.compilation_cache_dir))
   if FLAGS.distributed:
     _initialize_distributed(jax)
+  try:
+    jax.devices()
+  except Exception as e:  # pylint: disable=broad-except  # JAX_PLATFORMS names a missing platform
+    detail = _last_line(str(e)) if str(e) else "no backend could be started"
+    _fail(f"devices: JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r}: {detail}; "
+          f"unset it or name a platform this machine has", EXIT_BAD_INPUT)
   from rigl_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax import train  # pylint: disable=import-outside-toplevel

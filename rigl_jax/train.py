@@ -276,8 +276,8 @@ def make_eval_step(model, num_classes: int):
 
 
 class Preemption:
-  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop checks after each
-  step: the run saves and exits 0. A second Ctrl-C stops at once (the last
+  """Turns SIGTERM, SIGHUP and a first Ctrl-C (SIGINT) into a flag the loop checks
+  after each step: the run saves and exits 0. A second Ctrl-C stops at once (the last
   checkpoint is kept).
 
   With several processes, jax's preemption notifier owns SIGTERM: a notice to any
@@ -291,7 +291,9 @@ class Preemption:
     self._multi_process = jax.process_count() > 1
 
   def __enter__(self):
-    signals = (signal.SIGINT,) if self._multi_process else (signal.SIGTERM, signal.SIGINT)
+    # SIGHUP (the terminal closed) stops the run like SIGTERM instead of killing it.
+    signals = ((signal.SIGINT, signal.SIGHUP) if self._multi_process
+               else (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     for signum in signals:
       try:
         self._previous[signum] = signal.signal(signum, self._handle)
@@ -308,6 +310,9 @@ class Preemption:
 
   def _handle(self, signum, frame):
     del frame
+    if signum == signal.SIGHUP and self._multi_process:
+      os.kill(os.getpid(), signal.SIGTERM)  # jax's notifier: every process stops together
+      return
     if signum == signal.SIGINT:
       if self.requested:
         raise KeyboardInterrupt

@@ -100,6 +100,16 @@ def check_path(workdir: str) -> None:
     name_max = os.pathconf(existing, "PC_NAME_MAX")
   except (OSError, ValueError):
     name_max = 255
+  try:
+    path_max = os.pathconf(existing, "PC_PATH_MAX")
+  except (OSError, ValueError):
+    path_max = 4096
+  # The longest file the run writes below it (checkpoints/STEP/default/...) needs room too.
+  if len(os.fsencode(path)) + 256 > path_max:
+    raise config_lib.ConfigError(
+        f"workdir: the path {path[:48]!r}... is {len(os.fsencode(path))} bytes long; this file "
+        f"system allows {path_max} bytes for a whole path, and the run's files need about 256 "
+        f"more")
   for part in path.split(os.sep):
     if len(os.fsencode(part)) > name_max:
       raise config_lib.ConfigError(

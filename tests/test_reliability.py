@@ -722,6 +722,40 @@ def test_workdir_that_cannot_be_made_is_one_error_line_and_makes_nothing(tmp_pat
   assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("args, env_extra, message", [
+    (("stray",), {}, "error: flags: unexpected argument(s) 'stray': every setting is a flag"),
+    (("--init_timeout_s=-1", "--distributed"), {},
+     "error: flags: --init_timeout_s must be >= 1, got -1"),
+    (("--heartbeat_timeout_s=0", "--distributed"), {},
+     "error: flags: --heartbeat_timeout_s must be >= 1, got 0"),
+    ((), {"JAX_PLATFORMS": "cuda"}, "error: devices: JAX_PLATFORMS='cuda': "),
+], ids=["positional", "init_timeout", "heartbeat_timeout", "no_such_platform"])
+def test_more_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, env_extra, message):
+  """Each used to be a traceback, a SIGABRT, a --help dump or silently accepted; and
+  every error line was preceded by JAX's 'Unable to initialize backend' INFO line."""
+  workdir = tmp_path / "wd"
+  proc = subprocess.run([sys.executable, "-m", "rigl_jax.main",
+                         f"--config={REPO}/configs/quickstart.py", f"--workdir={workdir}",
+                         *args], capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, **env_extra))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-1].startswith(message), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and "Unable to initialize backend" not in proc.stderr
+  assert not workdir.exists()
+
+
+def test_a_workdir_path_too_long_for_the_file_system_makes_nothing(tmp_path):
+  """Each component fits, the whole path does not: used to leave ~16 nested folders."""
+  workdir = tmp_path.joinpath(*["d" * 250] * 20)
+  proc = subprocess.run([sys.executable, "-m", "rigl_jax.main",
+                         f"--config={REPO}/configs/quickstart.py", f"--workdir={workdir}"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  [line] = error_lines(proc.stderr)
+  assert line.startswith("error: workdir: the path ") and "bytes for a whole path" in line
+  assert os.listdir(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------- one run per workdir
 
 

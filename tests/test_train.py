@@ -150,9 +150,11 @@ def test_kill_and_resume_is_exact(tmp_path):
   assert steps == sorted(set(steps))  # no duplicated lines after the resume
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_sigterm_saves_and_exits_zero(tmp_path, signum):
-  """SIGTERM and a first Ctrl-C both save the step just finished and exit 0."""
+  """SIGTERM, a first Ctrl-C and SIGHUP (the terminal closed) save the step just
+  finished and exit 0."""
   proc = run_main(tmp_path, "--config.num_train_steps=100000", "--config.log_every=50",
                   "--config.checkpoint_every=100000", wait=False)
   metrics = tmp_path / "metrics.jsonl"
