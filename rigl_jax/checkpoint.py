@@ -228,6 +228,26 @@ def _check_readable(item_dir: epath.Path):
     raise _BadCheckpoint(f"unreadable data in {item_dir}: {e}") from e
 
 
+def tree_manifest(tree: PyTree) -> dict[str, Any]:
+  """The integrity record of a whole tree (shape, dtype, CRC32 per leaf), as JSON."""
+  return _manifest(tree, with_crc=True)
+
+
+def verify_tree(restored: PyTree, target: PyTree, manifest: dict[str, Any]) -> None:
+  """Raises ValueError unless ``restored`` matches ``manifest`` (and ``target``)."""
+  if manifest.get("version") != _MANIFEST_VERSION:
+    raise ValueError(f"unknown manifest version {manifest.get('version')!r}")
+  try:
+    _verify(restored, target, manifest)
+  except _BadCheckpoint as e:
+    raise ValueError(str(e)) from None
+
+
+def check_readable(directory: str) -> None:
+  """Reads every stored value of an orbax item folder once (see _check_readable)."""
+  _check_readable(epath.Path(directory))
+
+
 def _abstract(x):
   """Restore target for one leaf: jax arrays become ShapeDtypeStructs.
 

@@ -64,17 +64,46 @@ def config_dict(c) -> dict:
 
 
 def save_tree(directory: str, tree) -> None:
-  """A small side checkpoint (initial params, final masks), written atomically by orbax.
+  """A small side checkpoint (initial params, final masks), written atomically by orbax,
+  with its integrity manifest (shape, dtype, CRC32 per leaf) in ``DIRECTORY.manifest.json``
+  written first: a later reader (a lottery ticket) checks what it reads against it.
   Every process calls it: orbax saves are collective (the primary process writes)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from rigl_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    paths.write_atomic(f"{paths.resolve(directory)}{MANIFEST_SUFFIX}",
+                       json.dumps(checkpoint_lib.tree_manifest(tree), sort_keys=True))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(paths.resolve(directory), tree, force=True)
 
 
-def load_tree(directory: str, target):
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+def load_tree(directory: str, target, field: str = "source_workdir"):
+  """The tree ``save_tree`` wrote, checked against its manifest; a missing, truncated or
+  altered file is a ConfigError naming ``field`` and the folder. (Trees saved before
+  manifests were written load unchecked, with a warning.)"""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(paths.resolve(directory), target)
+  from rigl_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  path = paths.resolve(directory)
+  manifest = None
+  if paths.exists(path + MANIFEST_SUFFIX):
+    manifest = read_json(path + MANIFEST_SUFFIX, field)
+  else:
+    logging.warning("%s has no integrity manifest (saved by an older rigl_jax): read "
+                    "unchecked.", path)
+  try:
+    checkpoint_lib.check_readable(path)
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(path, target)
+    if manifest is not None:
+      checkpoint_lib.verify_tree(tree, tree if target is None else target, manifest)
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
+    raise config_lib.ConfigError(
+        f"config.{field}: {path} is damaged or incomplete ({type(e).__name__}: "
+        f"{' '.join(str(e).split())[:300]}); rerun the run that wrote it") from None
+  return tree
 
 
 # ----------------------------------------------------------------------------- checks

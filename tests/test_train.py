@@ -409,3 +409,36 @@ def test_epochs_that_overflow_the_step_counter_are_refused_in_setup(tmp_path):
                      r"\d+ steps x train_multiplier=1.0 is \d+ steps, more than a step counter"):
     train.setup(c, str(tmp_path / "wd"))
   assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip_masks", "flip_params", "delete_params_data",
+                                    "delete_masks_folder"])
+def test_a_damaged_lottery_source_is_refused_naming_it(tmp_path, damage):
+  """One changed bit in the source run's final masks used to train a ticket on other
+  masks, exit 0; missing data files gave a traceback."""
+  source = tmp_path / "pruning"
+  train.train_and_evaluate(
+      small_config(method="pruning", sparsity=0.8, num_train_steps=20, end_step=15),
+      str(source))
+  name = "final_masks" if "masks" in damage else "initial_params"
+  folder = source / name
+  data = sorted(p for p in folder.rglob("*") if p.is_file() and p.parent.name == "d")
+  assert data and (tmp_path.joinpath("pruning", name + ".manifest.json")).exists()
+  if damage.startswith("flip"):
+    for path in data:  # one bit in every data file (the values are somewhere in them)
+      raw = bytearray(path.read_bytes())
+      raw[len(raw) // 2] ^= 0x10
+      path.write_bytes(bytes(raw))
+  elif damage == "delete_params_data":
+    for path in data:
+      path.unlink()
+  else:
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(folder)
+  result = run_main(tmp_path / "ticket", "--config.method=lottery", "--config.sparsity=0.8",
+                    f"--config.source_workdir={source}", "--config.num_train_steps=5")
+  assert result.returncode == 2, result.stderr[-3000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith("error: config.source_workdir: "), errors
+  assert name in errors[0]
+  assert "Traceback" not in result.stderr
