@@ -226,6 +226,7 @@ def main(argv):
   from rigl_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax import train  # pylint: disable=import-outside-toplevel
+  from rigl_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   def on_stall(seconds, what):
     _fail(f"stalled: process {jax.process_index()} of {jax.process_count()}: nothing "
           f"finished for {seconds:.0f} s (--stall_timeout_s={FLAGS.stall_timeout_s}) after "
@@ -245,6 +246,8 @@ def main(argv):
           "rerun the same command to resume from it", EXIT_INTERRUPTED)
   except checkpoint_lib.CheckpointSaveError as e:
     _fail(f"checkpoints: {e}", EXIT_FAILED, at_once=True)
+  except workdir_lib.WriteError as e:
+    _fail(e, EXIT_FAILED, at_once=True)
   except checkpoint_lib.CheckpointRestoreError as e:
     _fail(f"checkpoints: {e} Move the checkpoints folder away to start over.", EXIT_FAILED)
   except Exception as e:  # pylint: disable=broad-except

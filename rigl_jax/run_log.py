@@ -60,8 +60,13 @@ class MetricsLog:
 
   def write(self, record: dict) -> None:
     if self.writer:
-      paths.append(self.path,
-                   json.dumps(finite_or_null(record), sort_keys=True, allow_nan=False) + "\n")
+      line = json.dumps(finite_or_null(record), sort_keys=True, allow_nan=False) + "\n"
+      try:
+        paths.append(self.path, line)
+      except OSError as e:
+        from rigl_jax import workdir  # pylint: disable=import-outside-toplevel
+        raise workdir.WriteError(f"workdir: cannot write {self.path}: "
+                                 f"{e.strerror or e}") from e
 
 
 class RunLog:

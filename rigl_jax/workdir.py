@@ -30,6 +30,18 @@ from absl import logging
 from rigl_jax import config as config_lib
 from rigl_jax import paths
 
+class WriteError(Exception):
+  """A file of the workdir could not be written (disk full, read-only, permissions);
+  the message starts with ``workdir:`` and names the file and the cause."""
+
+
+def _cause(e: BaseException) -> str:
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[-300:]}" if text else type(e).__name__
+
+
 # What the trainer writes in a workdir: name -> whether it is a directory.
 ENTRIES = {".lock": False, "config.json": False, "metrics.jsonl": False, "summary.json": False,
            "checkpoints": True, "tensorboard": True, "initial_params": True,
@@ -70,11 +82,14 @@ def save_tree(directory: str, tree) -> None:
   Every process calls it: orbax saves are collective (the primary process writes)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from rigl_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
-  if jax.process_index() == 0:
-    paths.write_atomic(f"{paths.resolve(directory)}{MANIFEST_SUFFIX}",
-                       json.dumps(checkpoint_lib.tree_manifest(tree), sort_keys=True))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(paths.resolve(directory), tree, force=True)
+  try:
+    if jax.process_index() == 0:
+      paths.write_atomic(f"{paths.resolve(directory)}{MANIFEST_SUFFIX}",
+                         json.dumps(checkpoint_lib.tree_manifest(tree), sort_keys=True))
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(paths.resolve(directory), tree, force=True)
+  except Exception as e:  # pylint: disable=broad-except  # orbax and tensorstore raise many types
+    raise WriteError(f"workdir: cannot write {directory}: {_cause(e)}") from e
 
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -144,6 +159,8 @@ def check_path(workdir: str) -> None:
       raise config_lib.ConfigError(
           f"workdir: the path component {part[:32]!r}... is {len(os.fsencode(part))} bytes "
           f"long; this file system allows {name_max}")
+  if existing == path and not os.access(path, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f"workdir: {workdir!r} is not writable by this user")
   if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
     if existing != path:
       raise config_lib.ConfigError(f"workdir: cannot create {workdir!r}: {existing!r} is not "
@@ -196,7 +213,7 @@ def create(c, workdir: str) -> None:
         f"workdir: cannot create {workdir!r}: {e.strerror or e}") from None
   if jax.process_index() == 0:
     hold_lock(workdir)
-    write_json_atomic(paths.join(workdir, "config.json"), config_dict(c))
+    write_file(paths.join(workdir, "config.json"), config_dict(c))
   if jax.process_count() > 1:
     check_shared(workdir)
 
@@ -265,9 +282,17 @@ def check_shared(workdir: str) -> None:
         f"process must see one workdir: a shared file system or a gs:// URL")
 
 
+def write_file(path: str, obj) -> None:
+  """``write_json_atomic``, with a failure as one :class:`WriteError`."""
+  try:
+    write_json_atomic(path, obj)
+  except OSError as e:
+    raise WriteError(f"workdir: cannot write {path}: {_cause(e)}") from e
+
+
 def write_summary(workdir: str, summary: dict) -> None:
   if jax.process_index() == 0:
-    write_json_atomic(paths.join(workdir, "summary.json"), summary)
+    write_file(paths.join(workdir, "summary.json"), summary)
 
 
 # ----------------------------------------------------------------------------- other runs

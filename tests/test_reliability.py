@@ -803,3 +803,42 @@ def test_two_sweeps_on_one_directory_is_one_error_line(tmp_path):
   assert proc.stderr.strip().splitlines() == [
       f"error: --sweep_dir: another sweep is running in {sweep_dir} (its lock: "
       f"{sweep_dir}/.sweep.lock)"]
+
+
+# ----------------------------------------------------------------------------- write failures
+
+
+def test_initial_params_on_a_full_disk_is_one_line_and_the_rerun_starts(tmp_path, cache_env):
+  """The initial params (~1 MB) do not fit, config.json (a few kB) does: used to be a
+  tensorstore RESOURCE_EXHAUSTED traceback."""
+  workdir = tmp_path / "full"
+  cmd = [sys.executable, "-m", "rigl_jax.main", f"--config={REPO}/configs/quickstart.py",
+         f"--workdir={workdir}", "--config.num_train_steps=20"]
+  proc = subprocess.run(_with_file_size_limit(100_000, cmd), capture_output=True, text=True,
+                        env=cache_env, cwd=REPO, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  [line] = error_lines(proc.stderr)
+  assert line.startswith(f"error: workdir: cannot write {workdir / 'initial_params'}: "), line
+  rc, log = run(workdir, env=cache_env, run_args=("--config.num_train_steps=20",))
+  assert rc == 0, log[-3000:]
+
+
+def test_workdir_files_that_cannot_be_written_are_one_error_each(tmp_path, monkeypatch):
+  from rigl_jax import paths, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  c = quickstart_config()
+  c.num_train_steps = 5
+
+  def read_only(path, data):
+    raise OSError(30, "Read-only file system", path)
+
+  monkeypatch.setattr(paths, "write_atomic", read_only)
+  with pytest.raises(workdir_lib.WriteError,
+                     match=r"^workdir: cannot write .*config\.json: Read-only file system$"):
+    train.train_and_evaluate(c, str(tmp_path / "ro"))
+  monkeypatch.undo()
+  # An existing workdir this user may not write (checked before anything runs).
+  (tmp_path / "theirs").mkdir()
+  monkeypatch.setattr(os, "access", lambda path, mode: False)
+  with pytest.raises(config_lib.ConfigError, match="workdir: .* is not writable by this user"):
+    workdir_lib.check_path(str(tmp_path / "theirs"))
