@@ -38,6 +38,9 @@ def finite_or_null(value):
   return value
 
 
+PENDING = "metrics_pending.json"
+
+
 class MetricsLog:
   """``metrics.jsonl``: one JSON line per record; lines past a restored step are
   dropped on resume so the file reads like one uninterrupted run."""
@@ -91,9 +94,39 @@ class RunLog:
       if hparams:
         self.events.write_hparams(hparams, group_name=paths.basename(paths.resolve(workdir)))
     self.pending: list = []
+    self._pending_path = paths.join(workdir, PENDING)
+    self._load_pending(start_step)
     self._compiled = False
     self._interval_start = time.time()
     self._timed_steps = 0
+
+  def save_pending(self, step: int) -> None:
+    """At a stop between two log steps: keeps the metrics of the steps since the last
+    record in ``metrics_pending.json`` instead of writing a record an uninterrupted run
+    would not write; the resumed run (from the checkpoint of ``step``) takes them up,
+    so its next record averages the whole interval and the log reads as one run."""
+    if not self.metrics.writer or not self.pending:
+      return
+    host = jax.device_get(self.pending)
+    keys = sorted(host[0])
+    saved = {"step": step, "dtypes": {k: str(np.asarray(host[0][k]).dtype) for k in keys},
+             "values": {k: [np.asarray(m[k]).item() for m in host] for k in keys}}
+    paths.write_atomic(self._pending_path, json.dumps(saved))
+
+  def _load_pending(self, start_step: int) -> None:
+    """The metrics a stop at ``start_step`` left (see save_pending); others are stale."""
+    if not start_step or not paths.exists(self._pending_path):
+      return
+    try:
+      saved = json.loads(paths.read_text(self._pending_path))
+      if saved.get("step") != start_step:
+        return
+      values, dtypes = saved["values"], saved["dtypes"]
+      count = len(next(iter(values.values())))
+      self.pending = [{k: np.asarray(values[k][i], dtypes[k]) for k in values}
+                      for i in range(count)]
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+      self.pending = []  # a damaged file: the interval's record covers fewer steps
 
   def add(self, metrics: dict) -> None:
     """One step's metrics. The first call waits for the step: it compiled it."""

@@ -574,8 +574,13 @@ def train_loop(s: Setup, state: TrainState, start_step: int, train_step, evaluat
       # Read once: a signal arriving after this point is handled after the next step.
       stop = preemption.check(done)
       if done % c.checkpoint_every == 0 or stop:
-        if log.pending:  # the checkpoint's metrics line must be in the log before it
+        # The checkpoint's metrics must be in the log before it: a record where an
+        # uninterrupted run writes one too, else (a stop between log steps) kept aside
+        # for the resumed run, so that the log reads as one run.
+        if log.pending and (done % c.checkpoint_every == 0 or done == s.total_steps):
           log.write_train(done, state_fields(s, state, done))
+        elif log.pending:
+          log.save_pending(done)
         stop_if_nonfinite(c, state, ckpt, log)
         ckpt.save(done, state, force=stop)
         beat(f"the checkpoint of step {done}")

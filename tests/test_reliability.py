@@ -401,8 +401,33 @@ def test_sigterm_stops_after_the_current_step_saves_and_exits_zero(tmp_path, cac
   [saved] = checkpoint_steps(workdir)
   assert f"preempted at step {saved}" in log
   assert 50 <= saved < 100, saved
-  assert [r["step"] for r in metrics(workdir)] == ([50, saved] if saved > 50 else [50])
+  # No record at the stop: an uninterrupted run has none there (the steps since 50 wait
+  # in metrics_pending.json for the resumed run).
+  assert [r["step"] for r in metrics(workdir)] == [50]
+  assert (workdir / "metrics_pending.json").exists() == (saved > 50)
   assert checkpoint_leaves(workdir)  # a complete, readable checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
+def test_an_interrupted_and_resumed_run_logs_like_an_uninterrupted_one(
+    reference, tmp_path, cache_env, signum):
+  """metrics.jsonl used to get an extra record at the stop, and the next record averaged
+  the steps after it only (99 of 100)."""
+  workdir = tmp_path / "stopped"
+  proc = start(workdir, env=cache_env)
+  path = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (path.exists() and path.read_text().count("\n") >= 3):
+    assert proc.poll() is None, finish(proc)[1][-3000:]
+    time.sleep(0.002)
+  proc.send_signal(signum)
+  rc, log = finish(proc, timeout=120)
+  assert rc == 0 and "preempted at step" in log, log[-3000:]
+  rc, log = run(workdir, env=cache_env)
+  assert rc == 0, log[-3000:]
+  assert_same_run(reference, workdir)
 
 
 # ----------------------------------------------------------------------------- divergence
