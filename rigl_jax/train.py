@@ -651,7 +651,17 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
   wall_start = time.time()
   c = ml_collections.ConfigDict(c)  # a private copy
   s = setup(c, workdir)
-  workdir_lib.create(c, workdir)
+  try:
+    workdir_lib.create(c, workdir)  # holds the workdir's lock until the run returns
+    return _train_and_evaluate(s, workdir, wall_start, stall_timeout_s, on_stall)
+  finally:
+    workdir_lib.release_lock(workdir)
+
+
+def _train_and_evaluate(s: Setup, workdir: str, wall_start: float, stall_timeout_s,
+                        on_stall) -> dict:
+  """The run in a created and locked workdir: state, steps, the loop and the summary."""
+  c = s.config
 
   # Auto axes: the compiler places what the model computes. With jax's default
   # Explicit axes, flax's Dropout fails (its mask is replicated, the batch sharded).

@@ -3,12 +3,14 @@
 ::
 
     WORKDIR/
+      .lock            held by the run using the workdir (one run per workdir)
       config.json      the config; a rerun with another config is refused (the guard)
       summary.json     the final numbers of a finished run
       initial_params/  the params at step 0 (a lottery ticket restarts from them)
-      final_masks/     the masks at the end (a lottery ticket's masks)
+      final_masks/     the masks at the end (a lottery ticket's masks); each of the two
+                       with its CRC manifest beside it (NAME.manifest.json)
       checkpoints/     rigl_jax.checkpoint
-      metrics.jsonl    rigl_jax.run_log
+      metrics.jsonl    rigl_jax.run_log (metrics_pending.json: an interval cut by a stop)
       tensorboard/     rigl_jax.run_log
 
 Other runs read two of them: a lottery ticket its source run's masks, initial
@@ -219,7 +221,7 @@ def create(c, workdir: str) -> None:
 
 
 LOCK = ".lock"
-_held_locks = []  # open lock files: a lock lasts as long as its process
+_held_locks = {}  # workdir -> its open lock file: held until released or the process ends
 
 
 def hold_lock(workdir: str) -> None:
@@ -249,7 +251,14 @@ def hold_lock(workdir: str) -> None:
   f.truncate()
   f.write(str(os.getpid()))
   f.flush()
-  _held_locks.append(f)
+  _held_locks[os.path.abspath(workdir)] = f
+
+
+def release_lock(workdir: str) -> None:
+  """Ends this process's hold on the workdir (the end of ``train_and_evaluate``)."""
+  f = _held_locks.pop(os.path.abspath(workdir), None) if not paths.is_url(workdir) else None
+  if f is not None:
+    f.close()  # closing the file drops the flock
 
 
 SHARED_TOKEN = ".shared_token"

@@ -569,7 +569,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path):
   for i, (name, args, expected) in enumerate(BAD_FLAGS):
     workdir = tmp_path / f"wd{i}"
     if name == "workdir of another config":  # the quickstart's own config (sparsity 0.9)
-      os.makedirs(workdir)
+      os.makedirs(workdir / "checkpoints" / "500")  # a run with a checkpoint: protected
       (workdir / "config.json").write_text(quickstart_config().to_json_best_effort())
     before = _snapshot(workdir)
     args = [a.format(tmp=tmp_path) for a in args]
@@ -621,7 +621,7 @@ def test_bad_run_input_raises_before_writing(tmp_path, name, overrides, expected
   c = quickstart_config()
   c.num_train_steps = 10
   if name == "workdir of another config":
-    os.makedirs(workdir)
+    os.makedirs(workdir / "checkpoints" / "10")  # a run with a checkpoint: protected
     (workdir / "config.json").write_text(c.to_json_best_effort())
   if name == "workdir is a file":
     workdir.write_text("not a directory")
