@@ -15,7 +15,6 @@ small: one line per logged step).
 from __future__ import annotations
 
 import os
-from typing import Iterator
 
 
 def is_url(path) -> bool:
@@ -77,12 +76,6 @@ def read_text(path, errors: str = "strict") -> str:
     return f.read()
 
 
-def read_bytes(path) -> bytes:
-  if is_url(path):
-    return _epath(path).read_bytes()
-  with open(path, "rb") as f:
-    return f.read()
-
 
 def write_atomic(path, data: str | bytes) -> None:
   """Writes the whole file so that a kill leaves the old content or the new one:
@@ -106,23 +99,3 @@ def append(path, data: str | bytes) -> None:
     return
   with open(path, "ab") as f:
     f.write(data)
-
-
-def remove(path) -> None:
-  if is_url(path):
-    _epath(path).unlink()
-  else:
-    os.remove(path)
-
-
-def walk_files(path) -> Iterator[str]:
-  """Every file below ``path``, as paths (or URLs)."""
-  if is_url(path):
-    scheme = str(path).split("://", 1)[0]
-    for root, _, names in _epath(path).walk():
-      root = str(root)
-      root = root if is_url(root) else f"{scheme}://{root}"  # walk drops the scheme
-      yield from (join(root, n) for n in names)
-    return
-  for root, _, names in os.walk(path):
-    yield from (os.path.join(root, n) for n in names)

@@ -541,8 +541,8 @@ def cpu_collectives_need_sync() -> bool:
   device's share of a step on one shared thread pool, and a collective holds its
   thread until all devices arrive. With several steps in flight the pool fills with
   waiters of a later step while some devices still need a thread for the earlier
-  one: a deadlock (16 CPU devices on 2 cores: every run; 2 processes x 4 devices:
-  some runs). Accelerators queue each device's work on its own stream and keep
+  one: a deadlock (16 CPU devices on 2 cores: every run here; hangs of 2 and 4
+  processes x 4 devices were reported). Accelerators queue each device's work on its own stream and keep
   asynchronous dispatch."""
   return jax.default_backend() == "cpu" and jax.device_count() > 1
 
