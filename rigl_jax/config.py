@@ -26,6 +26,13 @@ OPTIMIZERS = ("sgd", "adam")
 ON_NONFINITE = ("stop", "skip")
 
 
+# rigl_jax.structure's names, checked here without importing JAX (the core parses
+# them again and checks each layer's shape).
+STRUCTURE_HELP = ("'unstructured', 'constant_fan_in', 'N:M' with 0 < N < M (e.g. '2:4') or "
+                  "'block:RxC' (e.g. 'block:4x4'); '' for the method's own")
+STRUCTURE_PATTERN = r"unstructured|constant_fan_in|(\d+):(\d+)|block:([1-9]\d*)x([1-9]\d*)"
+
+
 class ConfigError(ValueError):
   """A config field has a bad value; the message names the field."""
 
@@ -45,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Sparse training.
   c.method = "rigl"
   c.distribution = "erk"
+  c.structure = ""                # "": the method's (srigl: constant_fan_in; others unstructured)
+  c.srigl_gamma_sal = 0.3         # srigl: a neuron with fewer salient weights than this x fan-in is ablated; 0: never
+  c.srigl_no_ablation = ()        # srigl: regexes of layers never ablated; empty: the output layer
   c.uniform_first_layer_dense = True  # uniform keeps the stem dense (conv nets)
   c.sparsity = 0.9
   c.update_every = 100            # dT
@@ -185,6 +195,19 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
            f"model {c.model!r} has no dropout; a rate > 0 is allowed for "
            f"{', '.join(models.DROPOUT_MODELS)}")
   _number_in(c, "sparsity", 0.0, 1.0, high_open=True)
+  _require(isinstance(c.structure, str), "structure",
+           f"must be a string: {STRUCTURE_HELP}, got {c.structure!r}")
+  if c.structure:
+    match = re.fullmatch(STRUCTURE_PATTERN, c.structure)
+    _require(match is not None and (match[1] is None or 0 < int(match[1]) < int(match[2]))
+             and (match[3] is None or int(match[3]) * int(match[4]) > 1), "structure",
+             f"must be {STRUCTURE_HELP}, got {c.structure!r}")
+    _require(c.method not in DENSE_METHODS, "structure",
+             f"only sparse methods have a structure, got method {c.method!r}")
+  _number_in(c, "srigl_gamma_sal", 0.0, 1.0, high_open=True)
+  _require(isinstance(c.srigl_no_ablation, (tuple, list)) and
+           all(isinstance(p, str) for p in c.srigl_no_ablation), "srigl_no_ablation",
+           f"must be a list of regex strings, got {c.srigl_no_ablation!r}")
   _number_in(c, "drop_fraction", 0.0, 1.0)
   _number_in(c, "end_fraction", 0.0, 1.0)
   _number_in(c, "lr_drop_factor", 0.0, 1.0)
@@ -224,7 +247,8 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
     _require(ok, "custom_sparsity", f"value for {pattern!r} must be in [0, 1), got {value!r}")
   for field, patterns in (("dense_layers", c.dense_layers), ("custom_sparsity",
-                                                              list(c.custom_sparsity))):
+                                                              list(c.custom_sparsity)),
+                          ("srigl_no_ablation", c.srigl_no_ablation)):
     for pattern in patterns:
       try:
         re.compile(pattern)
@@ -303,6 +327,13 @@ def warmup_steps(c, steps_per_epoch: int) -> int:
 def dropout_rate(c) -> float | None:
   """The model's dropout rate: None for its reference rate."""
   return None if c.dropout_rate < 0 else float(c.dropout_rate)
+
+
+def structure_of(c):
+  """The core's ``structure`` argument for config ``c`` (None: the method's own)."""
+  if c.structure:
+    return c.structure
+  return "constant_fan_in" if c.method == "srigl" else None
 
 
 def width_multiplier(c) -> float:

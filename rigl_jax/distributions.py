@@ -6,6 +6,7 @@ All of them depend on parameter shapes only, so they work on arrays and on
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import re
@@ -17,6 +18,7 @@ import numpy as np
 
 from rigl_jax import masks as masks_lib
 from rigl_jax import names
+from rigl_jax import structure as structure_lib
 from rigl_jax.masks import ArgumentError
 
 PyTree = Any
@@ -87,6 +89,8 @@ def sparsity_distribution(
     custom: Mapping[str, float] | None = None,
     include=None,
     uniform_first_layer_dense: bool = True,
+    structure=None,
+    stacked: Mapping[str, int] | None = None,
 ) -> PyTree:
   """Per-leaf sparsities (floats, same structure as ``params``; 0.0 for dense leaves).
 
@@ -100,14 +104,27 @@ def sparsity_distribution(
       they leave the budget.
     custom: ``{regex: sparsity}``; a matching layer gets that sparsity and leaves
       the budget. The first matching regex wins.
-    include: which leaves may be sparse at all (default: ndim >= 2).
+    include: which leaves may be sparse at all (default: every kernel, a leaf
+      whose layer has two axes longer than 1).
     uniform_first_layer_dense: ``"uniform"`` keeps the first sparsifiable layer
       (a conv net's stem) dense, as the RigL paper does; False makes every layer
-      sparse (e.g. an MLP, whose first layer holds most of the weights).
+      sparse (e.g. an MLP, whose first layer holds most of the weights). When
+      that first kernel is stacked, the whole stacked leaf stays dense.
+    structure: ``"unstructured"`` (default), ``"constant_fan_in"``, ``"N:M"``,
+      ``"block:RxC"`` or ``{regex: structure}`` (see :mod:`rigl_jax.structure`).
+      An N:M layer's sparsity is ``1 - N/M`` whatever ``sparsity`` says: it
+      leaves the budget, as a ``custom`` layer does, and ``sparsity`` is spread
+      over the other layers; when every budget layer is N:M, ``sparsity`` must
+      be ``1 - N/M``. Constant fan-in and block layers get whole counts per unit
+      or whole blocks: their densities are rounded to that quantum, the total
+      kept as close to the budget as the quanta allow (largest remainder first).
+    stacked: ``{regex: n}``: the first ``n`` axes of matching leaves index
+      separate layers (``nn.scan`` params); each slice is scored as one layer.
 
   Returns:
-    The exact (unrounded) sparsity of every leaf. Masks hold
-    ``round((1 - s) * size)`` active weights.
+    The sparsity of every leaf: for unstructured layers the exact (unrounded)
+    value, masks holding ``round((1 - s) * size)`` active weights per layer; for
+    structured layers the sparsity they really get.
 
   Example:
     >>> import jax.numpy as jnp
@@ -126,11 +143,13 @@ def sparsity_distribution(
   masks_lib.check_patterns_match(params, list(custom), "custom")
   masks_lib.check_patterns_match(params, masks_lib.selector_patterns(dense), "dense")
 
-  candidates = masks_lib.sparsifiable(params, include=include)
-  allowed = masks_lib.sparsifiable(params, include=include, dense=dense)
+  candidates = masks_lib.sparsifiable(params, include=include, stacked=stacked)
+  allowed = masks_lib.sparsifiable(params, include=include, dense=dense, stacked=stacked)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [masks_lib.path_to_str(p) for p, _ in flat]
   shapes = {path: tuple(np.shape(leaf)) for path, (_, leaf) in zip(paths, flat)}
+  layout_of = dict(zip(paths, treedef.flatten_up_to(
+      structure_lib.layouts(params, structure, stacked, sparse=allowed))))
   is_candidate = dict(zip(paths, jax.tree.leaves(candidates)))
   is_allowed = dict(zip(paths, jax.tree.leaves(allowed)))
   if not any(is_allowed.values()):
@@ -138,32 +157,105 @@ def sparsity_distribution(
       raise ArgumentError("dense", "dense: the patterns force every sparsifiable parameter dense; "
                        "nothing is left to sparsify.")
     raise ArgumentError("params", "params: no parameter to sparsify (by default every floating "
-                     "leaf with ndim >= 2 is sparsifiable; check `include` and `dense`).")
+                     "kernel, a leaf with two axes longer than 1, is sparsifiable; check "
+                     "`include`, `dense` and `stacked`).")
 
   result = {p: 0.0 for p in paths}
-  budget_layers = []
+  budget_layers, n_of_m = [], []
   for path in paths:
     if not is_allowed[path]:
       continue
     match = next((pat for pat in custom if re.search(pat, path)), None)
+    s_layer = layout_of[path].structure
     if match is not None:
       result[path] = float(custom[match])
+    elif s_layer.kind == "n_of_m":
+      result[path] = 1.0 - s_layer.n / s_layer.m
+      n_of_m.append(path)
     else:
       budget_layers.append(path)
 
   if kind == "uniform":
     first = next((p for p in paths if is_candidate[p]), None) if uniform_first_layer_dense else None
-    for path in budget_layers:
-      result[path] = 0.0 if path == first else sparsity
+    for path in budget_layers + n_of_m:
+      if path == first:
+        result[path] = 0.0
+      elif path in budget_layers:
+        result[path] = sparsity
   elif budget_layers:
     score_fn = _erk_score if kind == "erk" else _er_score
     sizes = {p: int(np.prod(shapes[p])) for p in budget_layers}
-    scores = {p: score_fn(shapes[p]) for p in budget_layers}
+    scores = {p: score_fn(layout_of[p].layer_shape) for p in budget_layers}
     for path, density in _solve_budget(sizes, scores, sparsity).items():
       result[path] = max(0.0, 1.0 - density)
+  _check_n_of_m_sparsity(sparsity, [p for p in n_of_m if result[p] > 0.0],
+                         [p for p in budget_layers if result[p] > 0.0 or kind != "uniform"],
+                         layout_of)
+  _round_to_structure(result, [p for p in budget_layers if result[p] > 0.0], layout_of)
+  _round_to_structure(result, [p for p in paths if is_allowed[p] and p not in budget_layers
+                               and result[p] > 0.0], layout_of, one_by_one=True)
   for path, s in result.items():
-    size = int(np.prod(shapes[path]))
-    if s > 0.0 and masks_lib.num_active(size, s) < 1:
-      raise ArgumentError("sparsity", f"sparsity: {s:.9g} leaves layer {path!r} ({size} weights) without a "
-                       f"single active weight; lower the sparsity or keep that layer dense.")
+    if s <= 0.0:
+      continue
+    layout = layout_of[path]
+    if layout.trivial or layout.structure.kind == "unstructured":
+      size = layout.layer_size
+      if masks_lib.num_active(size, s) < 1:
+        raise ArgumentError("sparsity", f"sparsity: {s:.9g} leaves layer {path!r} ({size} weights) without a "
+                         f"single active weight; lower the sparsity or keep that layer dense.")
+    elif layout.group_count(s) < 1:
+      raise ArgumentError("sparsity", f"sparsity: {s:.9g} leaves the {layout.structure} groups of "
+                          f"layer {path!r} (shape {layout.layer_shape}) without a single active "
+                          f"unit; lower the sparsity or keep that layer dense.")
   return jax.tree.unflatten(treedef, [result[p] for p in paths])
+
+
+def _check_n_of_m_sparsity(sparsity, n_of_m, free, layout_of) -> None:
+  """With no other layer to spread ``sparsity`` over, it must be what N:M gives."""
+  if not n_of_m or free:
+    return
+  fixed = {1.0 - layout_of[p].structure.n / layout_of[p].structure.m for p in n_of_m}
+  if len(fixed) == 1 and np.isclose(sparsity, next(iter(fixed)), rtol=0, atol=1e-9):
+    return
+  names_ = sorted({str(layout_of[p].structure) for p in n_of_m})
+  raise ArgumentError("sparsity", f"sparsity: every sparse layer is N:M ({', '.join(names_)}), "
+                      f"which fixes each layer's sparsity at 1 - N/M, so sparsity must be "
+                      f"{'one of ' if len(fixed) > 1 else ''}"
+                      f"{', '.join(f'{v:g}' for v in sorted(fixed))}, got {sparsity:g}. "
+                      f"Use another structure for other sparsities.")
+
+
+def _round_to_structure(result: dict, paths: list, layout_of: dict, *,
+                        one_by_one: bool = False) -> None:
+  """Constant fan-in and block layers: densities rounded to whole units per group.
+
+  The layers' total stays as close to their unrounded total as whole quanta (one
+  more unit in every group of a layer) allow: floors first, then a quantum to the
+  largest remainders while at least half of it is missing. ``one_by_one``: each
+  layer rounded on its own (``custom`` layers, whose values are not a shared budget).
+  """
+  structured = [p for p in paths if layout_of[p].structure.kind in ("constant_fan_in", "block")]
+  if not structured:
+    return
+  counts, quantum, remainder, group_size = {}, {}, {}, {}
+  missing = 0.0
+  for p in structured:
+    layout = layout_of[p]
+    n_groups, size = layout.groups()
+    want = (1.0 - result[p]) * size
+    if one_by_one:
+      counts[p] = masks_lib.num_active(size, result[p])
+      continue
+    counts[p] = max(1, math.floor(want + 1e-9))
+    quantum[p] = n_groups * layout.unit_size * layout.n_layers
+    remainder[p] = want - counts[p]
+    group_size[p] = size
+    missing += remainder[p] * quantum[p]
+  if not one_by_one:
+    for p in sorted(structured, key=lambda q: -remainder[q]):
+      if missing >= quantum[p] / 2 and counts[p] < group_size[p]:
+        counts[p] += 1
+        missing -= quantum[p]
+  for p in structured:
+    layout = layout_of[p]
+    result[p] = 1.0 - counts[p] / layout.groups()[1]

@@ -258,6 +258,9 @@ def export_run(run: Run, out_dir: str) -> dict:
   arrays: dict[str, np.ndarray] = {}
   layers = []
   flat_masks = _flat(run.masks) if run.masks is not None else {}
+  from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from rigl_jax import structure as structure_lib  # pylint: disable=import-outside-toplevel
+  structure = config_lib.structure_of(run.config) or "unstructured"
   for collection in COLLECTIONS:
     for path, leaf in _flat(run.variables[collection]).items():
       leaf = np.asarray(leaf)
@@ -272,6 +275,11 @@ def export_run(run: Run, out_dir: str) -> dict:
         arrays[f"{key}:{name}"] = array
       layers.append({"path": key, "shape": list(leaf.shape), "dtype": str(leaf.dtype),
                      "encoding": encoding, "nnz": nnz, "density": nnz / max(leaf.size, 1)})
+      if encoding != "dense":
+        # The structure the mask keeps (checked on the mask itself): the next
+        # format picks its layout from it.
+        layers[-1].update(structure_lib.describe(mask, structure) or
+                          {"structure": "unstructured"})
   model_path = os.path.join(out_dir, MODEL_FILE)
   tmp = model_path + ".tmp.npz"
   np.savez_compressed(tmp, **arrays)
@@ -285,7 +293,7 @@ def export_run(run: Run, out_dir: str) -> dict:
       "format_version": FORMAT_VERSION,
       "model": c.model, "model_kwargs": run.model_kwargs,
       "input_shape": list(run.input_shape), "dataset": c.dataset,
-      "method": c.method, "sparsity": c.sparsity, "step": run.step,
+      "method": c.method, "sparsity": c.sparsity, "structure": structure, "step": run.step,
       "model_file": MODEL_FILE, "file_bytes": os.path.getsize(model_path),
       "layers": layers,
   }

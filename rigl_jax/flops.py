@@ -55,7 +55,7 @@ PyTree = Any
 # Methods whose training cost ``train_flops_per_step`` knows.
 TRAIN_METHODS = (
     "dense", "static", "set", "small_dense", "rigl", "rigl_sg", "rigl_sm", "snfs",
-    "pruning", "lottery",
+    "pruning", "lottery", "srigl",
 )
 
 
@@ -292,7 +292,7 @@ def train_flops_per_step(method: str, f_dense: float, f_sparse: float | None = N
       retrained with a static mask.
 
   Returns:
-    dense ``3 f_D``; static, set, small_dense ``3 f_S``; rigl (and rigl_sg/sm)
+    dense ``3 f_D``; static, set, small_dense ``3 f_S``; rigl (and rigl_sg/sm, srigl)
     ``(3 f_S dT + 2 f_S + f_D) / (dT + 1)`` (every dT-th step also needs the dense
     gradient); snfs ``2 f_S + f_D`` (dense gradient every step); pruning
     ``3 f_S``; lottery ``3 f_S + 3 f_final`` (the pruning run plus a sparse
@@ -306,7 +306,7 @@ def train_flops_per_step(method: str, f_dense: float, f_sparse: float | None = N
     raise ValueError(f"method {method!r} needs f_sparse.")
   if method in ("static", "set", "small_dense", "pruning"):
     return 3.0 * f_sparse
-  if method in ("rigl", "rigl_sg", "rigl_sm"):
+  if method in ("rigl", "rigl_sg", "rigl_sm", "srigl"):
     if update_every < 1:
       raise ValueError(f"update_every must be >= 1, got {update_every}.")
     dt = update_every
@@ -435,7 +435,8 @@ def config_flops(c, steps_per_epoch: int | None = None) -> dict:
     tree = distributions.sparsity_distribution(
         params, c.sparsity, c.distribution, dense=list(c.dense_layers) or None,
         custom=dict(c.custom_sparsity) or None,
-        uniform_first_layer_dense=c.uniform_first_layer_dense)
+        uniform_first_layer_dense=c.uniform_first_layer_dense,
+        structure=config_lib.structure_of(c))
     sizes = {masks.path_to_str(path): math.prod(p.shape)
              for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}
     sparsities = {masks.path_to_str(path): float(s)

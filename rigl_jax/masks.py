@@ -8,8 +8,9 @@ them.
 
 from __future__ import annotations
 
+import numbers
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -42,10 +43,18 @@ def leaf_paths(tree: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(lambda p, _: path_to_str(p), tree)
 
 
+def is_kernel_shape(layer_shape) -> bool:
+  """A layer's weights form a kernel when at least two axes are longer than 1: a
+  dense or conv kernel. Biases, norm scales and Equinox's ``(C, 1, 1)`` conv biases
+  are not kernels, and are never sparse."""
+  return sum(int(d) > 1 for d in layer_shape) >= 2
+
+
 def default_is_sparsifiable(path: str, leaf) -> bool:
-  """Conv and dense kernels (ndim >= 2) are sparse; biases and norm params are not."""
+  """Conv and dense kernels (:func:`is_kernel_shape`) are sparse; biases and norm
+  params are not. (For stacked leaves :func:`sparsifiable` looks at one layer.)"""
   del path
-  return len(np.shape(leaf)) >= 2
+  return is_kernel_shape(np.shape(leaf))
 
 
 def is_floating(leaf) -> bool:
@@ -102,23 +111,57 @@ def check_patterns_match(tree: PyTree, patterns: Sequence[str], name: str) -> No
                        f"Parameter paths look like: {shown}")
 
 
-def sparsifiable(params: PyTree, *, include: Selector = None, dense: Selector = None) -> PyTree:
+def stacked_axes(params: PyTree, stacked=None) -> PyTree:
+  """Per-leaf number of leading axes that index separate layers (0 when not stacked).
+
+  ``stacked``: ``{regex: n}``, e.g. ``{"layers/": 1}`` for ``nn.scan`` /
+  ``nnx.scan`` params of shape ``(L, ...)``; the first matching regex wins.
+  """
+  if not stacked:
+    return jax.tree.map(lambda _: 0, params)
+  if not isinstance(stacked, Mapping):
+    raise ArgumentError("stacked", f"stacked must be a dict {{regex: number of leading "
+                        f"axes}}, got {stacked!r}.")
+  for pattern, n in stacked.items():
+    _compile_selector(pattern, "stacked")
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or n < 1:
+      raise ArgumentError("stacked", f"stacked[{pattern!r}] must be an int >= 1 (leading "
+                          f"axes that index layers), got {n!r}.")
+  check_patterns_match(params, list(stacked), "stacked")
+
+  def axes(path, leaf):
+    p = path_to_str(path)
+    n = next((int(v) for pattern, v in stacked.items() if re.search(pattern, p)), 0)
+    if n > len(np.shape(leaf)):
+      raise ArgumentError("stacked", f"stacked: {n} leading axes asked of {p!r}, which "
+                          f"has shape {tuple(np.shape(leaf))}.")
+    return n
+
+  return jax.tree_util.tree_map_with_path(axes, params)
+
+
+def sparsifiable(params: PyTree, *, include: Selector = None, dense: Selector = None,
+                 stacked=None) -> PyTree:
   """Bool pytree: True for leaves that may be sparse.
 
   Args:
     params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
-    include: which leaves may be sparse; default every leaf with ndim >= 2.
-      Whatever it says, only floating-point leaves are ever sparse.
+    include: which leaves may be sparse; default every kernel. Whatever it says,
+      only floating-point kernels are ever sparse: a layer (one slice of a stacked
+      leaf) needs two axes longer than 1 (:func:`is_kernel_shape`).
     dense: leaves forced dense, overriding ``include``.
+    stacked: ``{regex: n}``, leading axes that index layers (:func:`stacked_axes`).
   """
   include_fn = _compile_selector(include, "include") or default_is_sparsifiable
   dense_fn = _compile_selector(dense, "dense") or (lambda path, leaf: False)
+  stack = stacked_axes(params, stacked)
 
-  def select(path, leaf):
+  def select(path, leaf, n_stack):
     p = path_to_str(path)
-    return is_floating(leaf) and bool(include_fn(p, leaf)) and not bool(dense_fn(p, leaf))
+    return (is_floating(leaf) and is_kernel_shape(np.shape(leaf)[n_stack:]) and
+            bool(include_fn(p, leaf)) and not bool(dense_fn(p, leaf)))
 
-  return jax.tree_util.tree_map_with_path(select, params)
+  return jax.tree_util.tree_map_with_path(select, params, stack)
 
 
 def num_active(size: int, sparsity: float) -> int:
@@ -227,15 +270,17 @@ def count_active(masks: PyTree, where: PyTree | None = None) -> tuple[int, int]:
   return active, total
 
 
-def global_density(masks: PyTree, where: PyTree | None = None) -> float:
-  """Active fraction of the kernels: the leaves of ndim >= 2, where sparsity lives
-  (biases and norm parameters, always dense, would only dilute it). This is the
-  ``global_density`` the trainer reports. ``where`` (a bool pytree) picks other leaves.
+def global_density(masks: PyTree, where: PyTree | None = None, *, stacked=None) -> float:
+  """Active fraction of the kernels (:func:`is_kernel_shape`, per layer of a
+  ``stacked`` leaf), where sparsity lives: biases and norm parameters, always dense,
+  would only dilute it. This is the ``global_density`` the trainer reports.
+  ``where`` (a bool pytree) picks other leaves.
   """
   if where is None:
-    where = jax.tree.map(lambda m: np.ndim(m) >= 2, masks)
+    where = jax.tree.map(lambda m, n: is_kernel_shape(np.shape(m)[n:]), masks,
+                         stacked_axes(masks, stacked))
   active, total = count_active(masks, where)
   if total == 0:
     raise ValueError("global_density: `where` selects no mask entry (the default "
-                     "selects the leaves of ndim >= 2).")
+                     "selects the kernels).")
   return active / total

@@ -39,6 +39,7 @@ from rigl_jax import masks as masks_lib
 from rigl_jax import names
 from rigl_jax import schedules
 from rigl_jax import selection
+from rigl_jax import structure as structure_lib
 
 PyTree = Any
 
@@ -61,6 +62,9 @@ class UpdateContext(NamedTuple):
   # The inner optimizer's state after this step's update (before any reset),
   # for methods that read its momentum. None where a caller built the context.
   inner_state: PyTree = None
+  # Per-leaf rigl_jax.structure.Layout (structure, stacked axes); None: every
+  # leaf unstructured and unstacked.
+  layouts: PyTree = None
 
 
 # Below every real score: marks entries a top-k must not pick.
@@ -108,14 +112,32 @@ def drop_and_grow(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
   return flat.reshape(shape)
 
 
+def _layout_leaves(layouts, treedef) -> list:
+  """Per-leaf layouts in flatten order; None for each leaf when there are none."""
+  if layouts is None:
+    return [None] * treedef.num_leaves
+  return treedef.flatten_up_to(layouts)
+
+
+def _is_plain(layout) -> bool:
+  return layout is None or layout.trivial
+
+
 class Method:
   """Base class: the mask never changes (Static)."""
   name = "static"
   updates_masks = False
   dense_inner_gradients = False
+  # The structure the method needs (None: any); "srigl" needs constant fan-in.
+  required_structure: str | None = None
+  # Whether the method keeps a structure other than unstructured/unstacked.
+  supports_structure = True
 
-  def initial_masks(self, key, params, sparsities):
-    return masks_lib.random_masks(key, params, sparsities)
+  def initial_masks(self, key, params, sparsities, layouts=None):
+    """Random masks with exactly each layer's count (per group under a structure)."""
+    if layouts is None or structure_lib.is_trivial(layouts):
+      return masks_lib.random_masks(key, params, sparsities)
+    return structure_lib.random_masks(key, params, sparsities, layouts)
 
   def init(self, params, masks):
     del params, masks
@@ -161,10 +183,15 @@ class DropAndGrow(Method):
     weights = treedef.flatten_up_to(ctx.params)
     score_leaves = treedef.flatten_up_to(scores)
     sparsities = treedef.flatten_up_to(ctx.sparsities)
+    layouts = _layout_leaves(ctx.layouts, treedef)
     new_masks = []
-    for mask, weight, score, s in zip(leaves, weights, score_leaves, sparsities):
+    for mask, weight, score, s, layout in zip(leaves, weights, score_leaves, sparsities, layouts):
       if s == 0.0:  # dense layers are never touched
         new_masks.append(mask)
+        continue
+      if not _is_plain(layout):
+        new_masks.append(structure_lib.drop_and_grow(
+            mask, weight, score, layout, s, ctx.drop_fraction, ctx.max_drop_fraction))
         continue
       n_active = masks_lib.num_active(mask.size, s)
       max_drop = min(n_active, math.ceil(ctx.max_drop_fraction * n_active))
@@ -189,6 +216,88 @@ class RigL(DropAndGrow):
 
   def grow_scores(self, ctx, state):
     return jax.tree.map(jnp.abs, ctx.grads)
+
+
+class SRigL(RigL):
+  """SRigL (Lasby et al., ICLR 2024): RigL under constant fan-in, with neuron ablation.
+
+  Every output unit (neuron) keeps the same fan-in ``k``. On an update, per layer:
+
+  1. ``n_prune = floor(f * n_active)`` weights go, ``n_keep`` stay.
+  2. Salience: a weight is salient when it is among the ``n_keep`` largest
+     ``|w|`` or the ``n_prune`` largest ``|grad|`` of the layer. A neuron with
+     fewer than ``max(1, int(gamma_sal * k0))`` salient weights is ablated
+     (``k0``: the fan-in with no neuron ablated), but the
+     ``budget // fan_in + 1`` neurons with the most salient weights always stay.
+  3. The fan-in becomes ``k = budget // active_neurons`` (``budget = k0 * fan_out``).
+  4. Ablated neurons lose every weight; among the other active weights the
+     smallest ``|w|`` go until ``n_keep`` remain; each active neuron then drops
+     its smallest or grows its largest-``|grad|`` inactive weights until it holds
+     exactly ``k``. Ablated neurons may come back at a later update.
+
+  ``no_ablation`` (regex(es)) names layers never ablated: the authors exempt the
+  classifier. Differences from the authors' code are listed in README.
+  """
+  name = "srigl"
+  required_structure = "constant_fan_in"
+
+  def __init__(self, gamma_sal: float = 0.3, no_ablation=None):
+    if not 0.0 <= float(gamma_sal) < 1.0:
+      raise masks_lib.ArgumentError("gamma_sal", f"gamma_sal must be a number in [0, 1), "
+                                    f"got {gamma_sal!r}.")
+    self.gamma_sal = float(gamma_sal)
+    self.no_ablation = masks_lib._compile_selector(no_ablation, "no_ablation")  # pylint: disable=protected-access
+
+  def update(self, ctx: UpdateContext, state):
+    leaves, treedef = jax.tree.flatten(ctx.masks)
+    weights = treedef.flatten_up_to(ctx.params)
+    grads = treedef.flatten_up_to(ctx.grads)
+    sparsities = treedef.flatten_up_to(ctx.sparsities)
+    layouts = _layout_leaves(ctx.layouts, treedef)
+    paths = [masks_lib.path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(ctx.masks)[0]]
+    new_masks = list(leaves)
+    for i, (mask, layout, s) in enumerate(zip(leaves, layouts, sparsities)):
+      if s == 0.0:
+        continue
+      if layout is None or layout.structure.kind != "constant_fan_in":
+        raise ValueError(f"srigl: layer {paths[i]!r} is not constant fan-in; build the "
+                         "transform with structure='constant_fan_in'.")
+      ablate = self.gamma_sal > 0 and not (self.no_ablation and self.no_ablation(paths[i], mask))
+      new_masks[i] = self._update_layer(mask, weights[i], grads[i], layout, s, ctx, ablate)
+    return treedef.unflatten(new_masks), state
+
+  def _update_layer(self, mask, weight, grad, layout, sparsity, ctx, ablate):
+    fan_out, fan_in = layout.groups()
+    k0 = layout.group_count(sparsity)
+    budget = k0 * fan_out
+    max_prune = min(budget, math.ceil(ctx.max_drop_fraction * budget))
+    mask_u = layout.to_units(mask)                                   # [layers, out, in]
+    magnitude = layout.to_units(jnp.abs(weight).astype(jnp.float32))
+    score = layout.to_units(jnp.abs(grad).astype(jnp.float32))
+    layers = mask_u.shape[0]
+    n_ones = mask_u.reshape(layers, -1).sum(-1, dtype=jnp.int32)
+    n_prune = jnp.floor(ctx.drop_fraction * n_ones).astype(jnp.int32)
+    n_keep = n_ones - n_prune
+    if ablate:
+      flat_w = jnp.where(mask_u, magnitude, 0.0).reshape(layers, -1)
+      salient = (selection.largest_rows(flat_w, n_keep, budget) |
+                 selection.largest_rows(score.reshape(layers, -1), n_prune, max_prune))
+      counts = salient.reshape(mask_u.shape).sum(-1, dtype=jnp.int32)   # [layers, out]
+      threshold = max(1, int(self.gamma_sal * k0))
+      min_neurons = budget // fan_in
+      if min_neurons < fan_out:
+        ranked = -jnp.sort(-counts, axis=-1)
+        threshold = jnp.minimum(threshold, ranked[:, min_neurons])
+      active = counts >= jnp.reshape(threshold, (-1, 1))
+    else:
+      active = jnp.ones(mask_u.shape[:2], bool)
+    fan_in_now = budget // jnp.maximum(active.sum(-1, dtype=jnp.int32), 1)   # [layers]
+    kept = mask_u & active[..., None]
+    excess = jnp.maximum(kept.reshape(layers, -1).sum(-1, dtype=jnp.int32) - n_keep, 0)
+    kept = structure_lib.drop_in_layers(kept, magnitude, excess, max_prune)
+    target = jnp.where(active, fan_in_now[:, None], 0)
+    new = structure_lib.fill_groups(kept, magnitude, score, target, min(fan_in, budget))
+    return layout.from_units(new)
 
 
 class Static(Method):
@@ -268,6 +377,8 @@ class RedistributingDropAndGrow(DropAndGrow):
   active count stays exact; layers the distribution made dense (sparsity 0) are
   neither touched nor counted.
   """
+
+  supports_structure = False  # layer counts move one weight at a time
 
   def layer_signal(self, ctx: UpdateContext, state) -> PyTree:
     """Per-parameter values whose mean magnitude over active weights scores a layer."""
@@ -487,8 +598,8 @@ class MagnitudePruning(Method):
     self.scope = scope
     self.power = float(power)
 
-  def initial_masks(self, key, params, sparsities):
-    del key, sparsities
+  def initial_masks(self, key, params, sparsities, layouts=None):
+    del key, sparsities, layouts
     return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
 
   def is_update_step(self, step, *, update_every: int, start_step: int, end_step: int):
@@ -516,8 +627,13 @@ class MagnitudePruning(Method):
       n_drop = jnp.maximum(mask.sum(dtype=jnp.int32) - jnp.asarray(counts)[index], 0)
       return drop_smallest(mask, jnp.abs(weight), n_drop, _max_decrease(size, counts))
 
+    layouts = _layout_leaves(ctx.layouts, treedef)
     if self.scope == "layer":
       for i in ids:
+        if not _is_plain(layouts[i]):
+          new_masks[i] = self._prune_groups(leaves[i], weights[i], layouts[i], sparsities[i],
+                                            steps, index, schedule)
+          continue
         size = leaves[i].size
         counts = _pruning_counts(size, sparsities[i], steps, power=self.power, **schedule)
         flat = prune(leaves[i].reshape(-1), weights[i].reshape(-1), counts, size)
@@ -525,14 +641,45 @@ class MagnitudePruning(Method):
     else:
       sizes = [leaves[i].size for i in ids]
       size = sum(sizes)
-      final = sum(masks_lib.num_active(leaves[i].size, sparsities[i]) for i in ids)
+      final = sum(_final_count(leaves[i].size, sparsities[i], layouts[i]) for i in ids)
       counts = _pruning_counts(size, 1.0 - final / size, steps, power=self.power, **schedule)
       flat = prune(jnp.concatenate([leaves[i].reshape(-1) for i in ids]),
                    jnp.concatenate([weights[i].reshape(-1).astype(jnp.float32) for i in ids]),
                    counts, size)
       for i, part in zip(ids, jnp.split(flat, np.cumsum(sizes)[:-1])):
-        new_masks[i] = part.reshape(leaves[i].shape)
+        layout = layouts[i]
+        if layout is None or layout.structure.kind == "unstructured":
+          new_masks[i] = part.reshape(leaves[i].shape)
+          continue
+        # The global threshold decides how many weights the layer keeps; its
+        # structure decides which: whole units per group, the smallest dropped.
+        n_groups, group_size = layout.groups()
+        quantum = n_groups * layout.n_layers * layout.unit_size
+        mask_u = layout.to_units(leaves[i])
+        current = mask_u[0, 0].sum(dtype=jnp.int32)
+        target = jnp.minimum(jnp.round(part.sum() / quantum).astype(jnp.int32), current)
+        magnitude = layout.to_units(jnp.abs(weights[i]).astype(jnp.float32))
+        new_masks[i] = layout.from_units(structure_lib.fill_groups(
+            mask_u, magnitude, jnp.zeros_like(magnitude), target, group_size))
     return treedef.unflatten(new_masks), state
+
+  def _prune_groups(self, mask, weight, layout, sparsity, steps, index, schedule):
+    """Layer-scope pruning within a structure: every group at the same count c(t)."""
+    group_size = layout.groups()[1]
+    final = 1.0 - layout.group_count(sparsity) / group_size
+    counts = _pruning_counts(group_size, final, steps, power=self.power, **schedule)
+    magnitude = layout.to_units(jnp.abs(weight).astype(jnp.float32))
+    pruned = structure_lib.fill_groups(
+        layout.to_units(mask), magnitude, jnp.zeros_like(magnitude),
+        jnp.asarray(counts)[index], _max_decrease(group_size, counts))
+    return layout.from_units(pruned)
+
+
+def _final_count(size: int, sparsity: float, layout) -> int:
+  """A layer's active weights at the end: per slice and structure when it has one."""
+  if _is_plain(layout):
+    return masks_lib.num_active(size, sparsity)
+  return layout.layer_count(sparsity) * layout.n_layers
 
 
 class GlobalMagnitudePruning(MagnitudePruning):
@@ -547,6 +694,7 @@ METHODS: dict[str, type[Method]] = {
     "static": Static, "set": SET, "rigl": RigL,
     "snfs": SNFS, "rigl_sg": RigLSG, "rigl_sm": RigLSM,
     "pruning": MagnitudePruning, "pruning_global": GlobalMagnitudePruning,
+    "srigl": SRigL,
 }
 if tuple(METHODS) != names.METHOD_NAMES:  # the config and --help list names.METHOD_NAMES
   raise ImportError(f"rigl_jax.names.METHOD_NAMES {names.METHOD_NAMES} differs from "

@@ -7,6 +7,6 @@ name the allowed values without loading JAX. ``rigl_jax.methods.METHODS`` and
 
 # rigl_jax.methods: the mask-update rules of sparse training.
 METHOD_NAMES = ("static", "set", "rigl", "snfs", "rigl_sg", "rigl_sm", "pruning",
-                "pruning_global")
+                "pruning_global", "srigl")
 # rigl_jax.distributions: how the sparsity budget is spread over layers.
 DISTRIBUTION_NAMES = ("uniform", "er", "erk")

@@ -102,3 +102,23 @@ def largest(scores: jax.Array, k: jax.Array, max_k: int) -> jax.Array:
       scores, k,
       cpu=lambda s, n: by_radix(s, n),
       default=lambda s, n: by_top_k(s, n, max_k))
+
+
+def largest_rows(scores: jax.Array, k: jax.Array, max_k: int) -> jax.Array:
+  """:func:`largest` on every row of ``scores`` ``[rows, n]``, ``k[row]`` entries each.
+
+  Rows shorter than ``RADIX_MIN_SIZE`` share one batched ``lax.top_k``; longer
+  rows are selected one by one (``vmap`` of :func:`largest`). Same set as
+  :func:`largest` row by row.
+  """
+  rows, n = scores.shape
+  max_k = min(int(max_k), n)
+  if max_k == 0 or rows == 0:
+    return jnp.zeros(scores.shape, bool)
+  k = jnp.clip(jnp.broadcast_to(jnp.asarray(k, jnp.int32), (rows,)), 0, max_k)
+  if n < RADIX_MIN_SIZE:
+    _, idx = jax.lax.top_k(scores, max_k)
+    selected = jnp.arange(max_k)[None, :] < k[:, None]
+    out = jnp.zeros(scores.shape, bool)
+    return out.at[jnp.arange(rows)[:, None], idx].set(selected)
+  return jax.vmap(lambda s, kk: largest(s, kk, max_k))(scores, k)

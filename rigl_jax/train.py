@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import time
 import zlib
@@ -99,8 +100,8 @@ class GivenMasks(methods_lib.Static):
   def __init__(self, masks):
     self.masks = masks
 
-  def initial_masks(self, key, params, sparsities):
-    del key, sparsities
+  def initial_masks(self, key, params, sparsities, layouts=None):
+    del key, sparsities, layouts
     return jax.tree.map(lambda m, p: jnp.asarray(m, bool).reshape(jnp.shape(p)), self.masks, params)
 
 
@@ -112,7 +113,7 @@ def warn_if_far_from_sparsity(c, params_shape) -> None:
   sparsities = rigl_jax.sparsity_distribution(
       params_shape, c.sparsity, c.distribution, dense=list(c.dense_layers) or None,
       custom=dict(c.custom_sparsity) or None,
-      uniform_first_layer_dense=c.uniform_first_layer_dense)
+      uniform_first_layer_dense=c.uniform_first_layer_dense, structure=config_lib.structure_of(c))
   active = total = 0
   for p, s in zip(jax.tree.leaves(params_shape), jax.tree.leaves(sparsities)):
     if len(p.shape) >= 2:
@@ -129,7 +130,20 @@ def warn_if_far_from_sparsity(c, params_shape) -> None:
         else "")
 
 
-def make_optimizer(c, *, total: int, lottery_masks=None) -> optax.GradientTransformation:
+def method_of(c, *, lottery_masks=None, output_layer: str | None = None):
+  """The core's method for config ``c``: a name, or an object carrying its settings."""
+  if c.method == "lottery":
+    return GivenMasks(lottery_masks)
+  if c.method == "srigl":
+    # The authors exempt the classifier from ablation (configs/model/resnet18.yaml l.3-4).
+    no_ablation = list(c.srigl_no_ablation) or (
+        [f"^{re.escape(output_layer)}$"] if output_layer else None)
+    return methods_lib.SRigL(gamma_sal=c.srigl_gamma_sal, no_ablation=no_ablation)
+  return c.method
+
+
+def make_optimizer(c, *, total: int, lottery_masks=None,
+                   output_layer: str | None = None) -> optax.GradientTransformation:
   """SGD (Nesterov) or Adam, with kernel-only weight decay (added to the gradient, as
   the report's SGD does) and optional global-norm clipping, wrapped for sparse training."""
   if c.optimizer == "adam":
@@ -142,7 +156,7 @@ def make_optimizer(c, *, total: int, lottery_masks=None) -> optax.GradientTransf
                       base)
   if c.method in config_lib.DENSE_METHODS:
     return inner
-  method = GivenMasks(lottery_masks) if c.method == "lottery" else c.method
+  method = method_of(c, lottery_masks=lottery_masks, output_layer=output_layer)
   return rigl_jax.sparse_training(
       inner,
       method=method,
@@ -159,6 +173,7 @@ def make_optimizer(c, *, total: int, lottery_masks=None) -> optax.GradientTransf
               else dict(c.custom_sparsity) or None),
       uniform_first_layer_dense=c.uniform_first_layer_dense,
       seed=c.seed,
+      structure=config_lib.structure_of(c),
   )
 
 
@@ -415,13 +430,15 @@ def setup(c: ml_collections.ConfigDict, workdir: str) -> Setup:
   lottery_masks = initial_params = source_cost = None
   if c.method == "lottery":
     lottery_masks, initial_params, source_cost = workdir_lib.load_lottery_source(c, params_shape)
-  tx = make_optimizer(c, total=total, lottery_masks=lottery_masks)
+  costs = flops_lib.model_costs(model, info.input_shape)
+  tx = make_optimizer(c, total=total, lottery_masks=lottery_masks,
+                      output_layer=costs[-1].path if costs else None)
   sparse = c.method not in config_lib.DENSE_METHODS
   if sparse:
     check_sparse_optimizer(tx, params_shape)
     warn_if_far_from_sparsity(c, params_shape)
   return Setup(config=c, pipeline=pipeline, model=model, tx=tx, total_steps=total,
-               sparse=sparse, costs=flops_lib.model_costs(model, info.input_shape),
+               sparse=sparse, costs=costs,
                dense_flops=flops_lib.reference_dense_flops(c, info.num_classes,
                                                           info.input_shape),
                initial_params=initial_params, source_cost=source_cost,
@@ -479,10 +496,11 @@ def training_flops(s: Setup, state: TrainState) -> tuple[float, float | None]:
 
 def flops_method(c) -> str:
   """The FLOP formula a method's training follows."""
-  return {"pruning_global": "pruning", "lottery": "static"}.get(c.method, c.method)
+  return {"pruning_global": "pruning", "lottery": "static", "srigl": "rigl"}.get(
+      c.method, c.method)
 
 
-DROP_AND_GROW_METHODS = ("set", "rigl", "snfs", "rigl_sg", "rigl_sm")
+DROP_AND_GROW_METHODS = ("set", "rigl", "snfs", "rigl_sg", "rigl_sm", "srigl")
 
 
 def state_fields(s: Setup, state: TrainState, step: int) -> dict:
@@ -498,7 +516,7 @@ def state_fields(s: Setup, state: TrainState, step: int) -> dict:
   if s.sparse:  # per-kernel densities: they move under redistribution and pruning
     fields["layer_densities"] = {
         k: v for (k, v), m in zip(masks_lib.layer_densities(masks).items(),
-                                  jax.tree.leaves(masks)) if m.ndim >= 2}
+                                  jax.tree.leaves(masks)) if masks_lib.is_kernel_shape(m.shape)}
   return fields
 
 

@@ -23,6 +23,7 @@ from rigl_jax import distributions
 from rigl_jax import masks as masks_lib
 from rigl_jax import methods as methods_lib
 from rigl_jax import schedules
+from rigl_jax import structure as structure_lib
 from rigl_jax.masks import ArgumentError
 
 PyTree = Any
@@ -187,6 +188,8 @@ def sparse_training(
     custom: Mapping[str, float] | None = None,
     uniform_first_layer_dense: bool = True,
     seed: int = 0,
+    structure=None,
+    stacked: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that it trains a sparse network.
 
@@ -212,6 +215,15 @@ def sparse_training(
     uniform_first_layer_dense: with ``distribution="uniform"``, keep the first
       sparsifiable layer dense (the paper's choice for a conv net's stem).
     seed: seeds the initial masks and any random growth.
+    structure: ``"unstructured"`` (default; ``"constant_fan_in"`` for
+      ``"srigl"``), ``"constant_fan_in"``, ``"N:M"`` (e.g. ``"2:4"``),
+      ``"block:RxC"``, or ``{regex: structure}`` per layer (see
+      :mod:`rigl_jax.structure`). Every mask update keeps the structure's counts
+      exactly (per output unit, per group of M, whole blocks). The redistributing
+      methods (snfs, rigl_sg, rigl_sm) need unstructured, unstacked layers.
+    stacked: ``{regex: n}``: the first ``n`` axes of matching leaves index
+      separate layers (``nn.scan`` / ``nnx.scan`` params): each slice gets its own
+      distribution share, counts and top-k, and stacked biases stay dense.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is (or holds) a
@@ -244,12 +256,44 @@ def sparse_training(
       drop_schedule, initial=float(drop_fraction), start_step=start_step, end_step=end_step)
   max_drop_fraction = schedules.max_drop_fraction(drop_schedule, drop_fraction)
   inner = optax.with_extra_args_support(inner)
+  if structure is None:
+    structure = method.required_structure
+  elif method.required_structure is not None and not isinstance(structure, Mapping) and \
+      str(structure_lib.parse(structure)) != method.required_structure:
+    raise ArgumentError("structure", f"structure: method {method.name!r} needs "
+                        f"{method.required_structure!r}, got {structure!r}.")
+  if isinstance(structure, str) or isinstance(structure, structure_lib.Structure):
+    structure_lib.parse(structure)  # a bad name fails here, before any params are seen
+  if stacked is not None and not isinstance(stacked, Mapping):
+    raise ArgumentError("stacked", f"stacked must be a dict {{regex: number of leading "
+                        f"axes}}, got {stacked!r}.")
 
   def layer_sparsities(params):
     # Shapes only: the same static answer at init and inside the jitted update.
     return distributions.sparsity_distribution(
         params, sparsity, distribution, dense=dense, custom=custom, include=include,
-        uniform_first_layer_dense=uniform_first_layer_dense)
+        uniform_first_layer_dense=uniform_first_layer_dense, structure=structure,
+        stacked=stacked)
+
+  def layer_layouts(params, sparsities):
+    """Per-leaf layouts, or None when every leaf is unstructured and unstacked."""
+    sparse = jax.tree.map(lambda s: s > 0.0, sparsities)
+    layouts = structure_lib.layouts(params, structure, stacked, sparse=sparse)
+    if structure_lib.is_trivial(layouts):
+      return None
+    leaves = jax.tree.leaves(layouts, is_leaf=lambda x: isinstance(x, structure_lib.Layout))
+    sparse_leaves = jax.tree.leaves(sparse)
+    if not method.supports_structure:
+      raise ArgumentError("structure", f"structure: method {method.name!r} moves weights "
+                          f"between layers one at a time and keeps no structure; use it "
+                          f"with unstructured, unstacked layers (got structure="
+                          f"{structure!r}, stacked={stacked!r}).")
+    if method.required_structure and any(
+        is_sparse and str(l.structure) != method.required_structure
+        for l, is_sparse in zip(leaves, sparse_leaves)):
+      raise ArgumentError("structure", f"structure: method {method.name!r} needs every "
+                          f"sparse layer {method.required_structure!r}, got {structure!r}.")
+    return layouts
 
   def init_fn(params):
     _reject_lookahead()
@@ -261,9 +305,11 @@ def sparse_training(
           step=jnp.zeros([], jnp.int32), masks=params, inner_state=inner.init(params),
           method_state=method.init(params, params), rng=jax.random.key_data(key))
     sparsities = layer_sparsities(params)
+    layouts = layer_layouts(params, sparsities)
+    initial = (method.initial_masks(key, params, sparsities) if layouts is None
+               else method.initial_masks(key, params, sparsities, layouts))
     # Each mask is placed like its param (sharded the same way on a mesh).
-    masks = jax.tree.map(masks_lib.place_like, method.initial_masks(key, params, sparsities),
-                         params)
+    masks = jax.tree.map(masks_lib.place_like, initial, params)
     masked_params = masks_lib.apply_masks(params, masks)
     return SparseTrainingState(
         step=jnp.zeros([], jnp.int32),
@@ -299,15 +345,16 @@ def sparse_training(
       # Scores and top-k work on whole layers: on Explicit mesh axes they see
       # replicated copies, and the new masks go back to the params' sharding.
       whole = lambda tree: jax.tree.map(masks_lib.replicate, tree)
+      sparsities = layer_sparsities(params)
       ctx = methods_lib.UpdateContext(
           step=state.step,
           key=jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
           drop_fraction=jnp.asarray(drop_fraction_fn(state.step), jnp.float32),
           masks=whole(masks), params=whole(params), grads=whole(grads),
-          sparsities=layer_sparsities(params),
+          sparsities=sparsities,
           max_drop_fraction=max_drop_fraction,
           start_step=start_step, end_step=end_step, update_every=update_every,
-          inner_state=whole(inner_state))
+          inner_state=whole(inner_state), layouts=layer_layouts(params, sparsities))
       new_masks, new_method_state = method.update(ctx, whole(method_state))
       return (jax.tree.map(masks_lib.place_like, new_masks, masks),
               jax.tree.map(masks_lib.place_like, new_method_state, method_state))

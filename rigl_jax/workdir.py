@@ -180,7 +180,8 @@ def check_config(c, workdir: str) -> None:
   path = paths.join(workdir, "config.json")
   if not paths.exists(path) or c.overwrite:
     return
-  saved = read_json(path, "overwrite")
+  # A run started before a field existed ran with that field's default.
+  saved = {**config_dict(config_lib.base_config()), **read_json(path, "overwrite")}
   asked = config_dict(c)
   diff = sorted(k for k in set(saved) | set(asked)
                 if k not in RESUMABLE_FIELDS and saved.get(k) != asked.get(k))

@@ -16,7 +16,11 @@ from jax.sharding import PartitionSpec as P
 
 import rigl_jax
 
-METHODS = ("rigl", "set", "snfs", "pruning_global")
+# (method, structure, sparsity): the structured ones have their grouped axes
+# (output units, input-channel groups, blocks) sharded by the layouts below.
+METHODS = (("rigl", None, 0.8), ("set", None, 0.8), ("snfs", None, 0.8),
+           ("pruning_global", None, 0.8), ("rigl", "constant_fan_in", 0.8),
+           ("srigl", None, 0.8), ("rigl", "2:4", 0.5), ("pruning", "block:4x4", 0.8))
 STEPS = 7
 
 
@@ -26,8 +30,10 @@ def make_params():
           "fc2": {"kernel": jax.random.normal(k2, (48, 16)), "bias": jnp.zeros(16)}}
 
 
-def make_tx(method):
-  return rigl_jax.sparse_training(optax.sgd(0.1, momentum=0.9), method=method, sparsity=0.8,
+def make_tx(spec):
+  method, structure, sparsity = spec
+  return rigl_jax.sparse_training(optax.sgd(0.1, momentum=0.9), method=method,
+                                  sparsity=sparsity, structure=structure,
                                   update_every=2, end_step=6, seed=3)
 
 
@@ -101,7 +107,7 @@ def main():
     for name, (shape, specs) in layouts.items():
       for axis_type in (AxisType.Explicit, AxisType.Auto):
         check(shape, axis_type, specs, method, reference)
-        print(f"ok {n} devices {name} {axis_type.name} {method}")
+        print(f"ok {n} devices {name} {axis_type.name} {method[0]} {method[1]}")
 
 
 if __name__ == "__main__":

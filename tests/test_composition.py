@@ -36,14 +36,15 @@ def mlp_params():
 @pytest.mark.parametrize("devices", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_sharded_params_on_explicit_and_auto_meshes(devices):
   """Model-parallel, FSDP-style (and on 4 devices both) layouts, Explicit and Auto
-  axes, four methods: masks and momentum come out sharded like the params, and every
+  axes, eight methods and structures (constant fan-in, SRigL, 2:4 and blocks with
+  their grouped axes sharded): masks and momentum come out sharded like the params, and every
   step equals the same step on one device (tests/sharding_check.py)."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   result = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py")],
                           capture_output=True, text=True, env=env, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   layouts = 3 if devices == 4 else 2
-  assert result.stdout.count("ok ") == 4 * layouts * 2, result.stdout
+  assert result.stdout.count("ok ") == 8 * layouts * 2, result.stdout
 
 
 # ----------------------------------------------------------------------------- optax
