@@ -19,6 +19,12 @@ repetition so no variant always runs first):
 * ``set_fn``, ``snfs_fn``, ``rigl_sg_fn``: the same for SET, SNFS and
                RigL-SG (``UPDATE_METHODS``); SNFS's method state (its dense
                gradient momentum) is ``init`` + one ``observe`` of the grads;
+* ``cfi_fn``, ``srigl_fn``, ``block_fn``: the RigL update under constant
+               fan-in, SRigL's (constant fan-in plus ablation) and RigL's under
+               4x4 blocks, at the same 90%; ``nm_fn`` RigL under 2:4 and
+               ``rigl50_fn`` unstructured RigL, both at 50% (2:4's density).
+               A layer whose shape a structure cannot hold (the 3-channel
+               stem for 2:4, a 100x10 head for blocks) stays unstructured.
 * ``dense_again``: a second dense runner; ``dense_again / dense`` is the noise
                floor of this run (1.00 on a quiet machine);
 * ``opt_dense`` / ``opt_masked``: the optimizer part alone (``tx.update`` +
@@ -35,6 +41,9 @@ Read the output (metrics as rows, one column per model):
   cost of one mask update in train steps. Target: <= 0.05 on WRN-22-2.
   ``update_extra`` is a difference of two step times, so on a loaded machine
   it carries their noise; ``rigl_fn`` is measured directly.
+* ``{cfi,srigl,block}_over_rigl``, ``nm_over_rigl50``: a structured update over
+  the unstructured one at the same sparsity. Target: <= 1 (issue 17: a mask
+  update with structure costs no more than the unstructured one).
 * ``update_cost_amortised_dT100``: ``rigl_fn_over_step`` / dT (100);
   ``{set,snfs,rigl_sg}_fn_over_step`` and ``..._amortised_dT100`` the same
   for the other methods. Target: amortised <= 0.01 (1% of training time).
@@ -67,6 +76,7 @@ import rigl_jax
 from rigl_jax import distributions
 from rigl_jax import methods as methods_lib
 from rigl_jax import schedules
+from rigl_jax import structure as structure_lib
 from rigl_jax.models import get_model
 
 SPARSITY = 0.9
@@ -184,9 +194,43 @@ class FnRunner:
 # growth), snfs (dense momentum growth + redistribution) and rigl_sg (gradient
 # growth + redistribution). Each gets a runner "<name>_fn".
 UPDATE_METHODS = ("rigl", "set", "snfs", "rigl_sg")
+# Structured updates: runner name -> (method, structure, sparsity).
+STRUCTURED = {"cfi": ("rigl", "constant_fan_in", SPARSITY),
+              "srigl": ("srigl", "constant_fan_in", SPARSITY),
+              "block": ("rigl", "block:4x4", SPARSITY),
+              "nm": ("rigl", "2:4", 0.5), "rigl50": ("rigl", None, 0.5)}
+# Each structured runner over its unstructured reference at the same sparsity.
+STRUCTURED_RATIOS = {"cfi": "rigl", "srigl": "rigl", "block": "rigl", "nm": "rigl50"}
 
 
-def make_method_update_fn(name, params):
+def structure_where_it_fits(params, structure):
+  """``{path regex: structure}`` for the kernels whose shape holds ``structure``."""
+  if structure is None or structure == "constant_fan_in":
+    return structure
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = rigl_jax.masks.path_to_str(path)
+    layout = structure_lib.Layout(structure_lib.parse(structure), 0, tuple(leaf.shape))
+    if leaf.ndim < 2:
+      continue
+    try:
+      structure_lib.check_fits(layout, name)
+    except rigl_jax.ArgumentError:
+      continue
+    out[f"^{name}$"] = structure
+  return out
+
+
+def structured_masks(name, params):
+  """The initial masks of a structured runner (the transform's own init)."""
+  method, structure, sparsity = STRUCTURED[name]
+  tx = rigl_jax.sparse_training(inner_optimizer(), method=method, sparsity=sparsity,
+                                structure=structure_where_it_fits(params, structure),
+                                update_every=UPDATE_EVERY, end_step=END_STEP)
+  return rigl_jax.get_masks(tx.init(params))
+
+
+def make_method_update_fn(name, params, structure=None, sparsity=SPARSITY):
   """``method.update`` of method ``name`` alone, on real params/grads/masks, jitted.
 
   Returns ``(fn, method_state_of(grads))``: ``fn(params, grads, masks, step,
@@ -200,7 +244,12 @@ def make_method_update_fn(name, params):
   drop_fraction_fn = schedules.make_drop_fraction_fn(
       "cosine", initial=0.3, start_step=0, end_step=END_STEP)
   max_drop = schedules.max_drop_fraction("cosine", 0.3)
-  sparsities = distributions.sparsity_distribution(params, SPARSITY, "erk")
+  structure = structure_where_it_fits(params, structure)
+  sparsities = distributions.sparsity_distribution(params, sparsity, "erk",
+                                                   structure=structure)
+  layouts = structure_lib.layouts(params, structure, sparse=jax.tree.map(
+      lambda s: s > 0, sparsities))
+  layouts = None if structure_lib.is_trivial(layouts) else layouts
 
   def update(params, grads, masks, step, method_state):
     ctx = methods_lib.UpdateContext(
@@ -211,7 +260,7 @@ def make_method_update_fn(name, params):
         update_every=UPDATE_EVERY,
         # SNFS reads the inner optimizer's momentum: an sgd-momentum state
         # holding the grads stands in for it.
-        inner_state=(optax.TraceState(trace=grads),))
+        inner_state=(optax.TraceState(trace=grads),), layouts=layouts)
     new_masks, _ = method.update(ctx, method_state)
     return new_masks
 
@@ -270,6 +319,12 @@ def bench_model(name, batch, hwc, reps, calls, warmup, log):
     m_state = state_of(grads, masks)
     compiled, update_compile[m] = compile_timed(fn, sparse_params, grads, masks, step_arr, m_state)
     update_fns[m] = FnRunner(compiled, sparse_params, grads, masks, step_arr, m_state)
+  for label, (m, structure, sparsity) in STRUCTURED.items():
+    fn, _ = make_method_update_fn(m, sparse_params, structure, sparsity)
+    s_masks = structured_masks(label, sparse_params)
+    args = (rigl_jax.masks.apply_masks(sparse_params, s_masks), grads, s_masks, step_arr, ())
+    compiled, update_compile[label] = compile_timed(fn, *args)
+    update_fns[label] = FnRunner(compiled, *args)
   rigl_compile = update_compile["rigl"]
   opt_dense, _ = compile_timed(make_opt_only(dense_tx), params, dense_state, grads)
   opt_masked, _ = compile_timed(make_opt_only(sparse_tx), sparse_params, sparse_state, grads)
@@ -284,6 +339,7 @@ def bench_model(name, batch, hwc, reps, calls, warmup, log):
       "masked": train_runner(masked_step, sparse_params, sparse_state, NORMAL_STEP),
       "update": train_runner(masked_step, sparse_params, sparse_state, UPDATE_STEP),
       **{f"{m}_fn": update_fns[m] for m in UPDATE_METHODS},
+      **{f"{m}_fn": update_fns[m] for m in STRUCTURED},
       "opt_dense": Runner(opt_dense, (params, dense_state), (grads,)),
       "opt_masked": Runner(opt_masked, (sparse_params, sparse_state), (grads,), NORMAL_STEP),
   }
@@ -341,6 +397,14 @@ def bench_model(name, batch, hwc, reps, calls, warmup, log):
     row[f"{m}_fn_over_step_paired"] = paired(f"{m}_fn", "masked")
     row[f"{m}_amortised_dT100"] = row[f"{m}_fn_over_step"] / UPDATE_EVERY
     row[f"compile_{m}_fn_s"] = update_compile[m]
+  for label, reference in STRUCTURED_RATIOS.items():
+    row[f"{label}_fn_ms"] = 1e3 * med[f"{label}_fn"]
+    row[f"{label}_over_{reference}"] = med[f"{label}_fn"] / med[f"{reference}_fn"]
+    row[f"{label}_over_{reference}_paired"] = paired(f"{label}_fn", f"{reference}_fn")
+    row[f"compile_{label}_fn_s"] = update_compile[label]
+  row["rigl50_fn_ms"] = 1e3 * med["rigl50_fn"]
+  log(f"[{name}] structured update / unstructured: " + ", ".join(
+      f"{label} {row[f'{label}_over_{ref}']:.2f}" for label, ref in STRUCTURED_RATIOS.items()))
   log(f"[{name}] masked/dense {row['masked_over_dense']:.3f} (noise floor "
       f"{row['noise_floor']:.3f}), update {row['update_extra_over_step']:.3f} / "
       f"rigl_fn {row['rigl_fn_over_step']:.3f} set_fn {row['set_fn_over_step']:.3f} "
@@ -367,6 +431,13 @@ ROWS = [  # (metric, format), printed one per line, one column per model
     ("snfs_fn_over_step_paired", "{:.3f}"), ("snfs_amortised_dT100", "{:.5f}"),
     ("rigl_sg_fn_ms", "{:.2f}"), ("rigl_sg_fn_over_step", "{:.3f}"),
     ("rigl_sg_fn_over_step_paired", "{:.3f}"), ("rigl_sg_amortised_dT100", "{:.5f}"),
+    ("cfi_fn_ms", "{:.2f}"), ("cfi_over_rigl", "{:.2f}"), ("cfi_over_rigl_paired", "{:.2f}"),
+    ("srigl_fn_ms", "{:.2f}"), ("srigl_over_rigl", "{:.2f}"),
+    ("srigl_over_rigl_paired", "{:.2f}"),
+    ("block_fn_ms", "{:.2f}"), ("block_over_rigl", "{:.2f}"),
+    ("block_over_rigl_paired", "{:.2f}"),
+    ("rigl50_fn_ms", "{:.2f}"), ("nm_fn_ms", "{:.2f}"), ("nm_over_rigl50", "{:.2f}"),
+    ("nm_over_rigl50_paired", "{:.2f}"),
     ("compile_dense_s", "{:.1f}"), ("compile_masked_s", "{:.1f}"),
     ("compile_rigl_fn_s", "{:.1f}"), ("timed_loop_s", "{:.0f}"),
 ]
@@ -406,6 +477,11 @@ def summary_rows(result):
                     f"{over:.3f} (paired {r[f'{meth}_fn_over_step_paired']:.3f})", "", ""))
       out.append(("core", m, f"{meth} update amortised dT=100", f"{100 * amort:.3f}% of step",
                   "<= 1%", "met" if amort <= 0.01 else "MISSED"))
+    for label, reference in STRUCTURED_RATIOS.items():
+      v = r[f"{label}_over_{reference}"]
+      out.append(("core", m, f"{label} update / {reference} update",
+                  f"{v:.2f} (paired {r[f'{label}_over_{reference}_paired']:.2f})", "<= 1",
+                  "met" if v <= 1.0 else "MISSED"))
   return out
 
 

@@ -16,12 +16,13 @@ _EXPORTS = {
     "global_density": "masks", "layer_densities": "masks", "random_masks": "masks",
     "sparsifiable": "masks", "ArgumentError": "masks",
     "METHODS": "methods", "Method": "methods", "UpdateContext": "methods",
-    "get_method": "methods", "redistribute_counts": "methods",
+    "get_method": "methods", "redistribute_counts": "methods", "SRigL": "methods",
+    "Structure": "structure",
     "SparseTrainingState": "transform", "apply_masks": "transform", "find_state": "transform",
     "get_masks": "transform", "skip_step": "transform", "sparse_training": "transform",
 }
 _SUBMODULES = ("distributions", "masks", "methods", "names", "schedules", "selection",
-               "transform")
+               "structure", "transform")
 
 __all__ = sorted(_EXPORTS)
 

@@ -660,7 +660,7 @@ class MagnitudePruning(Method):
         target = jnp.minimum(jnp.round(part.sum() / quantum).astype(jnp.int32), current)
         magnitude = layout.to_units(jnp.abs(weights[i]).astype(jnp.float32))
         new_masks[i] = layout.from_units(structure_lib.fill_groups(
-            mask_u, magnitude, jnp.zeros_like(magnitude), target, group_size))
+            mask_u, magnitude, None, target, group_size))
     return treedef.unflatten(new_masks), state
 
   def _prune_groups(self, mask, weight, layout, sparsity, steps, index, schedule):
@@ -670,7 +670,7 @@ class MagnitudePruning(Method):
     counts = _pruning_counts(group_size, final, steps, power=self.power, **schedule)
     magnitude = layout.to_units(jnp.abs(weight).astype(jnp.float32))
     pruned = structure_lib.fill_groups(
-        layout.to_units(mask), magnitude, jnp.zeros_like(magnitude),
+        layout.to_units(mask), magnitude, None,
         jnp.asarray(counts)[index], _max_decrease(group_size, counts))
     return layout.from_units(pruned)
 

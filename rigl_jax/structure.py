@@ -306,13 +306,14 @@ def drop_in_layers(mask_u: jax.Array, magnitude_u: jax.Array, n_drop: jax.Array,
   return (flat_mask & ~selection.largest_rows(scores, n_drop, max_drop)).reshape(shape)
 
 
-def fill_groups(mask_u: jax.Array, magnitude_u: jax.Array, grow_score_u: jax.Array,
+def fill_groups(mask_u: jax.Array, magnitude_u: jax.Array, grow_score_u: jax.Array | None,
                 target: jax.Array, max_change: int) -> jax.Array:
   """Every group brought to ``target`` active units (broadcast to ``[layers, groups]``).
 
   A group above its target drops its smallest-magnitude active units; a group
-  below grows its largest-``grow_score`` inactive ones (scores >= 0). At most
-  ``max_change`` units change per group (a static bound).
+  below grows its largest-``grow_score`` inactive ones (scores >= 0; None: no
+  group may fall short). At most ``max_change`` units change per group (a static
+  bound). Each half runs only when some group needs it (a ``lax.cond``).
   """
   layers, groups, size = mask_u.shape
   rows = layers * groups
@@ -322,10 +323,18 @@ def fill_groups(mask_u: jax.Array, magnitude_u: jax.Array, grow_score_u: jax.Arr
   max_change = min(int(max_change), size)
   if max_change == 0:
     return mask_u
-  drop_scores = jnp.where(mask, -magnitude_u.reshape(rows, size).astype(jnp.float32), _LOWEST)
-  mask = mask & ~selection.largest_rows(drop_scores, jnp.maximum(count - target, 0), max_change)
-  grow_scores = jnp.where(mask, _LOWEST, grow_score_u.reshape(rows, size).astype(jnp.float32))
-  mask = mask | selection.largest_rows(grow_scores, jnp.maximum(target - count, 0), max_change)
+
+  def drop(mask):
+    scores = jnp.where(mask, -magnitude_u.reshape(rows, size).astype(jnp.float32), _LOWEST)
+    return mask & ~selection.largest_rows(scores, jnp.maximum(count - target, 0), max_change)
+
+  def grow(mask):
+    scores = jnp.where(mask, _LOWEST, grow_score_u.reshape(rows, size).astype(jnp.float32))
+    return mask | selection.largest_rows(scores, jnp.maximum(target - count, 0), max_change)
+
+  mask = jax.lax.cond(jnp.any(count > target), drop, lambda m: m, mask)
+  if grow_score_u is not None:
+    mask = jax.lax.cond(jnp.any(count < target), grow, lambda m: m, mask)
   return mask.reshape(layers, groups, size)
 
 

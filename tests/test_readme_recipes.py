@@ -50,3 +50,17 @@ def test_sharding_recipe():
   masks, params = scope["masks"], scope["params"]
   assert masks["w"].sharding.is_equivalent_to(params["w"].sharding, 2)
   assert masks["b"].sharding.is_equivalent_to(params["b"].sharding, 1)
+
+
+def test_scan_recipe():
+  """nn.scan layers, stacked=, constant fan-in: four layers of one fan-in each."""
+  scope = {}
+  exec(compile(recipe("scan"), "README:scan", "exec"), scope)  # pylint: disable=exec-used
+  fan_in = np.asarray(scope["fan_in"])
+  assert fan_in.shape == (4, 64)
+  assert (fan_in == fan_in[:, :1]).all()         # constant fan-in within each layer
+  masks = scope["masks"]
+  assert np.asarray(masks["blocks"]["Dense_0"]["bias"]).all()  # (4, 64) biases dense
+  kernel = np.asarray(scope["params"]["blocks"]["Dense_0"]["kernel"])
+  assert not kernel[~np.asarray(masks["blocks"]["Dense_0"]["kernel"])].any()
+  assert float(scope["loss"]) < 0.3              # it learned the toy task

@@ -334,7 +334,8 @@ def test_skip_step_moves_only_the_sparse_step():
 
 
 def test_core_imports_jax_optax_numpy_only():
-  core = ["masks", "names", "distributions", "schedules", "selection", "methods", "transform"]
+  core = ["masks", "names", "distributions", "schedules", "selection", "methods", "structure",
+          "transform"]
   code = ("import sys; import " + ", ".join(f"rigl_jax.{m}" for m in core) + "; "
           "print(sorted({m.split('.')[0] for m in sys.modules}))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -47,7 +47,7 @@ OK, FAILED, DIVERGED, UNFINISHED, RUNNING, NOT_RUN = (
 METHOD_NAMES = {"small_dense": "Small Dense", "static": "Static", "set": "SET", "rigl": "RigL",
                 "snfs": "SNFS", "rigl_sg": "RigL-SG", "rigl_sm": "RigL-SM",
                 "pruning": "Pruning", "pruning_global": "Pruning (global)",
-                "lottery": "Lottery", "dense": "Dense"}
+                "lottery": "Lottery", "srigl": "SRigL", "dense": "Dense"}
 METHOD_ORDER = tuple(METHOD_NAMES)
 DISTRIBUTION_ORDER = names.DISTRIBUTION_NAMES
 DISTRIBUTION_SUFFIX = {"uniform": "", "er": " (ER)", "erk": " (ERK)"}
@@ -220,7 +220,9 @@ def row_label(key: tuple, keys: Sequence[str]) -> str:
   if _finite(multiplier) and multiplier != 1.0:
     label += f" {multiplier:g}x"
   for k in keys[3:]:
-    label += f", {k}={grid.format_value(values[k])}"
+    # Strings as they are ("2:4"); run names make them file-safe, labels need not.
+    value = values[k]
+    label += f", {k}={value if isinstance(value, str) else grid.format_value(value)}"
   return label
 
 
