@@ -606,6 +606,14 @@ BAD_RUNS = [  # (id, config overrides, expected start of the message); {tmp}: tm
     ("workdir of another config", {"sparsity": 0.5},
      "config.sparsity: the workdir {workdir} holds a run with sparsity=0.9"),
     ("sparsity leaves a layer empty", {"sparsity": 0.9999999}, "config.sparsity: sparsity: "),
+    ("2:4 at another sparsity", {"structure": "2:4", "sparsity": 0.9},
+     "config.sparsity: sparsity: every sparse layer is N:M (2:4)"),
+    ("blocks that do not tile a layer", {"structure": "block:4x4"},
+     "config.structure: structure: block:4x4 needs layer"),
+    ("redistribution with a structure", {"method": "snfs", "structure": "constant_fan_in"},
+     "config.structure: structure: method 'snfs' moves weights between layers"),
+    ("structure on a dense run", {"method": "dense", "structure": "2:4"},
+     "config.structure: only sparse methods have a structure"),
     ("every layer forced dense", {"dense_layers": (".*",)},
      "config.dense_layers: dense: the patterns force every sparsifiable parameter dense"),
     ("workdir is a file", {}, "workdir: '{workdir}' exists and is not a directory"),
@@ -662,7 +670,9 @@ _BAD_FIELDS = [
     ("overwrite", "no"), ("uniform_first_layer_dense", 0),
     ("dropout_rate", 0.3), ("dropout_rate", 1.0), ("dropout_rate", -0.5), ("dropout_rate", "0"),
     ("augmentation", "autoaugment"), ("augmentation", 3), ("warmup_steps", -2),
-    ("warmup_steps", 1.5),
+    ("warmup_steps", 1.5), ("structure", "3:2"), ("structure", "block:1x1"),
+    ("structure", "fan_in"), ("structure", 4), ("srigl_gamma_sal", 1.0),
+    ("srigl_gamma_sal", "0.3"), ("srigl_no_ablation", "head"), ("srigl_no_ablation", ("(",)),
 ]
 
 
