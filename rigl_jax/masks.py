@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 PyTree = Any
 # A layer selector: a regex (searched in the leaf's path, e.g. "Dense_0/kernel"),
@@ -239,17 +240,26 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   Leaves are matched in flatten order, so the two trees may wrap their arrays in
   different node types: Flax NNX's ``nnx.state(model, nnx.Param)`` (Param
   variables) against the masks in an ``nnx.Optimizer``'s state (OptVariable).
+  Under ``optax.multi_transform`` / ``optax.partition`` the masks have
+  ``optax.MaskedNode`` holes where another transformation owns the param: those
+  params are returned as they are.
   """
-  leaves, treedef = jax.tree.flatten(params)
-  mask_leaves = jax.tree.leaves(masks)
+  leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked_node)
+  mask_leaves = jax.tree.leaves(masks, is_leaf=_is_masked_node)
   if len(mask_leaves) != len(leaves) or any(
-      np.shape(m) != np.shape(p) for m, p in zip(mask_leaves, leaves)):
+      not (_is_masked_node(m) or _is_masked_node(p)) and np.shape(m) != np.shape(p)
+      for m, p in zip(mask_leaves, leaves)):
     raise ValueError(
         f"apply_masks: the masks ({len(mask_leaves)} leaves) do not match the params "
         f"({len(leaves)} leaves) leaf for leaf; pass the params the optimizer was "
         f"initialised with. Masks: {jax.tree.structure(masks)}; params: {treedef}.")
-  return treedef.unflatten([jnp.where(m, p, jnp.zeros_like(p))
-                            for p, m in zip(leaves, mask_leaves)])
+  return treedef.unflatten([
+      p if _is_masked_node(m) or _is_masked_node(p) else jnp.where(m, p, jnp.zeros_like(p))
+      for p, m in zip(leaves, mask_leaves)])
+
+
+def _is_masked_node(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
 
 
 def layer_densities(masks: PyTree) -> dict[str, float]:

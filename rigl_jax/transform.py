@@ -331,7 +331,9 @@ def sparse_training(
     return jitted_update(grads, state, params, extra_args)
 
   def update_impl(grads, state, params, extra_args):
-    masks = state.masks
+    # Masks are bool; optax.tree_map_params (e.g. casting the per-parameter state
+    # to bfloat16) maps them as params-shaped state: bool again, exactly.
+    masks = jax.tree.map(lambda m: m if m.dtype == jnp.bool_ else m != 0, state.masks)
     method_state = method.observe(state.method_state, grads, masks)
     inner_grads = grads if method.dense_inner_gradients else masks_lib.apply_masks(grads, masks)
 

@@ -64,6 +64,56 @@ def test_tree_map_params_maps_masks_and_per_parameter_state():
   assert shapes.step is None and shapes.rng is None
 
 
+@pytest.mark.parametrize("wrap", ["multi_transform", "partition"])
+def test_apply_masks_under_multi_transform_and_partition(wrap):
+  """The documented apply_masks(params, opt_state) when sparse training owns only some
+  params: the masks have MaskedNode holes, the other params pass unchanged."""
+  params = {"a": {"kernel": jnp.ones((16, 8)), "bias": jnp.ones(8)},
+            "b": {"kernel": jnp.ones((8, 4)), "bias": jnp.ones(4)}, "emb": jnp.ones((32, 16))}
+  labels = {"a": {"kernel": "sparse", "bias": "dense"},
+            "b": {"kernel": "sparse", "bias": "dense"}, "emb": "dense"}
+  sparse = rigl_jax.sparse_training(optax.sgd(0.1, momentum=0.9), method="rigl",
+                                    sparsity=0.5, update_every=2, end_step=20)
+  transforms = {"sparse": sparse, "dense": optax.adam(1e-2)}
+  tx = (optax.multi_transform(transforms, labels) if wrap == "multi_transform"
+        else optax.partition(transforms, labels))
+  state = tx.init(params)
+  params = rigl_jax.apply_masks(params, state)
+  assert float(params["emb"].sum()) == 32 * 16          # not sparse training's: untouched
+  counts = (int(params["a"]["kernel"].sum()), int(params["b"]["kernel"].sum()))
+  assert sum(counts) == 80                              # 50% of the 160 kernel weights
+
+  @jax.jit
+  def step(params, state, i):
+    grads = jax.tree.map(lambda p: jnp.sin(p * (i + 1.0)) + 0.1, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for i in range(7):
+    params, state = step(params, state, jnp.float32(i))
+  masks = rigl_jax.get_masks(state)
+  assert int(masks["a"]["kernel"].sum()) + int(masks["b"]["kernel"].sum()) == 80
+  again = rigl_jax.apply_masks(params, state)
+  for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(np.asarray(p), np.asarray(q))   # inactive already 0
+
+
+def test_tree_map_params_cast_keeps_masks_usable():
+  """Casting the per-parameter state to bfloat16 with optax.tree_map_params casts the
+  masks as well (they are params-shaped state); the next update reads them as bool."""
+  tx = rigl_jax.sparse_training(optax.adam(1e-3), method="rigl", sparsity=0.8,
+                                update_every=1, end_step=50)
+  params = mlp_params()
+  state = tx.init(params)
+  params = rigl_jax.apply_masks(params, state)
+  before = jax.tree.map(np.asarray, rigl_jax.get_masks(state))
+  cast = optax.tree_map_params(tx, lambda v: v.astype(jnp.bfloat16), state)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, new_state = jax.jit(tx.update)(grads, cast, params)
+  for m, b in zip(jax.tree.leaves(rigl_jax.get_masks(new_state)), jax.tree.leaves(before)):
+    assert m.dtype == jnp.bool_ and int(m.sum()) == int(b.sum())
+
+
 def test_eager_updates_compile_once(caplog):
   """A plain Python loop (no jit), as flax's linen VAE example runs its optimizer."""
   tx = tx_rigl()
