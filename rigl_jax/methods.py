@@ -67,10 +67,6 @@ class UpdateContext(NamedTuple):
   layouts: PyTree = None
 
 
-# Below every real score: marks entries a top-k must not pick.
-_LOWEST = float(jnp.finfo(jnp.float32).min)
-
-
 def drop_smallest(mask: jax.Array, magnitude: jax.Array, n_drop: jax.Array,
                   max_drop: int) -> jax.Array:
   """Flat mask with its ``n_drop`` smallest-``magnitude`` active entries switched off.
@@ -78,8 +74,7 @@ def drop_smallest(mask: jax.Array, magnitude: jax.Array, n_drop: jax.Array,
   ``max_drop`` is a static bound on ``n_drop``; ``n_drop`` may be traced. Ties
   go to the lower index.
   """
-  scores = jnp.where(mask, -magnitude.astype(jnp.float32), _LOWEST)
-  return mask & ~selection.largest(scores, n_drop, max_drop)
+  return mask & ~selection.largest(selection.drop_scores(mask, magnitude), n_drop, max_drop)
 
 
 def grow_largest(mask: jax.Array, score: jax.Array, n_grow: jax.Array,
@@ -89,8 +84,7 @@ def grow_largest(mask: jax.Array, score: jax.Array, n_grow: jax.Array,
   Scores must be >= 0 (magnitudes, uniform draws) so that every inactive entry
   ranks above the active ones. ``max_grow`` is a static bound on ``n_grow``.
   """
-  scores = jnp.where(mask, _LOWEST, score.astype(jnp.float32))
-  return mask | selection.largest(scores, n_grow, max_grow)
+  return mask | selection.largest(selection.grow_scores(mask, score), n_grow, max_grow)
 
 
 def drop_and_grow(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
@@ -279,9 +273,11 @@ class SRigL(RigL):
     n_prune = jnp.floor(ctx.drop_fraction * n_ones).astype(jnp.int32)
     n_keep = n_ones - n_prune
     if ablate:
-      flat_w = jnp.where(mask_u, magnitude, 0.0).reshape(layers, -1)
+      # (NaN weights and gradients are never salient.)
+      flat_w = jnp.where(mask_u & ~jnp.isnan(magnitude), magnitude, -1.0).reshape(layers, -1)
+      flat_g = jnp.where(jnp.isnan(score), -1.0, score).reshape(layers, -1)
       salient = (selection.largest_rows(flat_w, n_keep, budget) |
-                 selection.largest_rows(score.reshape(layers, -1), n_prune, max_prune))
+                 selection.largest_rows(flat_g, n_prune, max_prune))
       counts = salient.reshape(mask_u.shape).sum(-1, dtype=jnp.int32)   # [layers, out]
       threshold = max(1, int(self.gamma_sal * k0))
       min_neurons = budget // fan_in

@@ -34,6 +34,29 @@ RADIX_MIN_SIZE = 16384
 _DIGITS = ((21, 11), (10, 11), (0, 10))
 
 
+# Below every real score: marks entries a selection must not pick.
+LOWEST = float(jnp.finfo(jnp.float32).min)
+# The floor of every pickable score (-inf included), still above LOWEST.
+_FLOOR = LOWEST / 2
+
+
+def drop_scores(mask: jax.Array, magnitude: jax.Array) -> jax.Array:
+  """Scores whose largest entries are the active ones to drop first: the smallest
+  magnitudes, NaN before all (a NaN weight is no weight to keep). Inactive entries
+  rank below every active one, whatever the values, so counts stay exact."""
+  m = magnitude.astype(jnp.float32)
+  m = jnp.where(jnp.isnan(m), -1.0, m)
+  return jnp.where(mask, jnp.maximum(-m, _FLOOR), LOWEST)
+
+
+def grow_scores(mask: jax.Array, score: jax.Array) -> jax.Array:
+  """Scores whose largest entries are the inactive ones to grow first (``score`` >= 0);
+  a NaN score ranks below every real one. Active entries rank below every inactive one."""
+  s = score.astype(jnp.float32)
+  s = jnp.where(jnp.isnan(s), -1.0, s)
+  return jnp.where(mask, LOWEST, jnp.maximum(s, _FLOOR))
+
+
 def sortable_bits(x: jax.Array) -> jax.Array:
   """uint32 keys in the order of the float32 values (XLA TopK's total order:
   -0.0 < +0.0, NaN above +inf)."""

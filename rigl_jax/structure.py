@@ -290,9 +290,6 @@ def random_masks(key: jax.Array, params: PyTree, sparsities: PyTree, layout_tree
   return jax.tree.unflatten(treedef, out)
 
 
-_LOWEST = float(jnp.finfo(jnp.float32).min)
-
-
 def drop_in_layers(mask_u: jax.Array, magnitude_u: jax.Array, n_drop: jax.Array,
                    max_drop: int) -> jax.Array:
   """Per layer (first axis), the ``n_drop[layer]`` smallest-magnitude active units off.
@@ -302,7 +299,7 @@ def drop_in_layers(mask_u: jax.Array, magnitude_u: jax.Array, n_drop: jax.Array,
   """
   shape = mask_u.shape
   flat_mask = mask_u.reshape(shape[0], -1)
-  scores = jnp.where(flat_mask, -magnitude_u.reshape(shape[0], -1).astype(jnp.float32), _LOWEST)
+  scores = selection.drop_scores(flat_mask, magnitude_u.reshape(shape[0], -1))
   return (flat_mask & ~selection.largest_rows(scores, n_drop, max_drop)).reshape(shape)
 
 
@@ -325,11 +322,11 @@ def fill_groups(mask_u: jax.Array, magnitude_u: jax.Array, grow_score_u: jax.Arr
     return mask_u
 
   def drop(mask):
-    scores = jnp.where(mask, -magnitude_u.reshape(rows, size).astype(jnp.float32), _LOWEST)
+    scores = selection.drop_scores(mask, magnitude_u.reshape(rows, size))
     return mask & ~selection.largest_rows(scores, jnp.maximum(count - target, 0), max_change)
 
   def grow(mask):
-    scores = jnp.where(mask, _LOWEST, grow_score_u.reshape(rows, size).astype(jnp.float32))
+    scores = selection.grow_scores(mask, grow_score_u.reshape(rows, size))
     return mask | selection.largest_rows(scores, jnp.maximum(target - count, 0), max_change)
 
   mask = jax.lax.cond(jnp.any(count > target), drop, lambda m: m, mask)

@@ -9,6 +9,7 @@ taking the optimizer step.
 
 from __future__ import annotations
 
+import logging
 import numbers
 import sys
 from collections.abc import Callable, Mapping
@@ -190,6 +191,7 @@ def sparse_training(
     seed: int = 0,
     structure=None,
     stacked: Mapping[str, int] | None = None,
+    report_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that it trains a sparse network.
 
@@ -224,6 +226,12 @@ def sparse_training(
     stacked: ``{regex: n}``: the first ``n`` axes of matching leaves index
       separate layers (``nn.scan`` / ``nnx.scan`` params): each slice gets its own
       distribution share, counts and top-k, and stacked biases stay dense.
+    report_nonfinite: a debug check: log one warning (logger ``"rigl_jax"``) the
+      first time a mask update sees NaN or inf weights or gradients. Counts stay
+      exact either way (a NaN weight ranks as the smallest magnitude, a NaN
+      gradient as no growth score). Off by default: it adds a host callback to
+      the update, and JAX does not reuse executables with host callbacks from
+      its persistent compilation cache.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is (or holds) a
@@ -256,6 +264,7 @@ def sparse_training(
       drop_schedule, initial=float(drop_fraction), start_step=start_step, end_step=end_step)
   max_drop_fraction = schedules.max_drop_fraction(drop_schedule, drop_fraction)
   inner = optax.with_extra_args_support(inner)
+  nonfinite_report = _NonFiniteReport()
   if structure is None:
     structure = method.required_structure
   elif method.required_structure is not None and not isinstance(structure, Mapping) and \
@@ -357,6 +366,8 @@ def sparse_training(
           max_drop_fraction=max_drop_fraction,
           start_step=start_step, end_step=end_step, update_every=update_every,
           inner_state=whole(inner_state), layouts=layer_layouts(params, sparsities))
+      if report_nonfinite:
+        jax.debug.callback(nonfinite_report, _any_nonfinite((params, grads)), state.step)
       new_masks, new_method_state = method.update(ctx, whole(method_state))
       return (jax.tree.map(masks_lib.place_like, new_masks, masks),
               jax.tree.map(masks_lib.place_like, new_method_state, method_state))
@@ -388,3 +399,30 @@ def sparse_training(
 
   jitted_update = jax.jit(update_impl)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_LOGGER = logging.getLogger("rigl_jax")
+
+
+class _NonFiniteReport:
+  """Says once per transform that a mask update saw NaN or inf weights or gradients."""
+
+  def __init__(self):
+    self.said = False
+
+  def __call__(self, bad, step):
+    if bool(bad) and not self.said:
+      self.said = True
+      _LOGGER.warning(
+          "sparse_training: the mask update at step %d saw non-finite weights or "
+          "gradients. Masks keep their exact counts (a NaN weight ranks as the smallest "
+          "magnitude, a NaN gradient as no growth score), but a weight that is inf or "
+          "NaN stays so when its connection is dropped: look for the overflow (e.g. "
+          "float16 with adam's eps=1e-8).", int(step))
+
+
+def _any_nonfinite(trees) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(trees) if jnp.issubdtype(x.dtype, jnp.floating)]
+  if not leaves:
+    return jnp.zeros([], bool)
+  return jnp.any(jnp.stack([jnp.any(~jnp.isfinite(x)) for x in leaves]))
