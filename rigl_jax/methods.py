@@ -265,20 +265,23 @@ class SRigL(RigL):
     k0 = layout.group_count(sparsity)
     budget = k0 * fan_out
     max_prune = min(budget, math.ceil(ctx.max_drop_fraction * budget))
-    mask_u = layout.to_units(mask)                                   # [layers, out, in]
+    mask_u = layout.to_units(mask)                                   # [layers, in, out]
     magnitude = layout.to_units(jnp.abs(weight).astype(jnp.float32))
     score = layout.to_units(jnp.abs(grad).astype(jnp.float32))
     layers = mask_u.shape[0]
     n_ones = mask_u.reshape(layers, -1).sum(-1, dtype=jnp.int32)
     n_prune = jnp.floor(ctx.drop_fraction * n_ones).astype(jnp.int32)
     n_keep = n_ones - n_prune
+    # The n_keep largest |w| among the active weights (RigL's drop): the
+    # weights kept when no neuron is ablated, and the |w| half of salience.
+    kept_by_magnitude = structure_lib.drop_in_layers(mask_u, magnitude, n_prune, max_prune,
+                                                     layers)
     if ablate:
-      # (NaN weights and gradients are never salient.)
-      flat_w = jnp.where(mask_u & ~jnp.isnan(magnitude), magnitude, -1.0).reshape(layers, -1)
+      # (NaN gradients are never salient.)
       flat_g = jnp.where(jnp.isnan(score), -1.0, score).reshape(layers, -1)
-      salient = (selection.largest_rows(flat_w, n_keep, budget) |
-                 selection.largest_rows(flat_g, n_prune, max_prune))
-      counts = salient.reshape(mask_u.shape).sum(-1, dtype=jnp.int32)   # [layers, out]
+      salient = kept_by_magnitude | selection.largest_rows(
+          flat_g, n_prune, max_prune).reshape(mask_u.shape)
+      counts = salient.sum(1, dtype=jnp.int32)                        # [layers, out]
       threshold = max(1, int(self.gamma_sal * k0))
       min_neurons = budget // fan_in
       if min_neurons < fan_out:
@@ -286,11 +289,16 @@ class SRigL(RigL):
         threshold = jnp.minimum(threshold, ranked[:, min_neurons])
       active = counts >= jnp.reshape(threshold, (-1, 1))
     else:
-      active = jnp.ones(mask_u.shape[:2], bool)
+      active = jnp.ones((layers, fan_out), bool)
     fan_in_now = budget // jnp.maximum(active.sum(-1, dtype=jnp.int32), 1)   # [layers]
-    kept = mask_u & active[..., None]
-    excess = jnp.maximum(kept.reshape(layers, -1).sum(-1, dtype=jnp.int32) - n_keep, 0)
-    kept = structure_lib.drop_in_layers(kept, magnitude, excess, max_prune)
+
+    def keep_among_active():
+      # Ablated neurons lose every weight; the n_keep largest |w| of the others stay.
+      kept = mask_u & active[:, None, :]
+      excess = jnp.maximum(kept.reshape(layers, -1).sum(-1, dtype=jnp.int32) - n_keep, 0)
+      return structure_lib.drop_in_layers(kept, magnitude, excess, max_prune, layers)
+
+    kept = jax.lax.cond(jnp.all(active), lambda: kept_by_magnitude, keep_among_active)
     target = jnp.where(active, fan_in_now[:, None], 0)
     new = structure_lib.fill_groups(kept, magnitude, score, target, min(fan_in, budget))
     return layout.from_units(new)
@@ -652,7 +660,7 @@ class MagnitudePruning(Method):
         n_groups, group_size = layout.groups()
         quantum = n_groups * layout.n_layers * layout.unit_size
         mask_u = layout.to_units(leaves[i])
-        current = mask_u[0, 0].sum(dtype=jnp.int32)
+        current = mask_u[0, :, 0].sum(dtype=jnp.int32)
         target = jnp.minimum(jnp.round(part.sum() / quantum).astype(jnp.int32), current)
         magnitude = layout.to_units(jnp.abs(weights[i]).astype(jnp.float32))
         new_masks[i] = layout.from_units(structure_lib.fill_groups(

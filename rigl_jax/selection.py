@@ -139,50 +139,8 @@ def _by_pairwise_rank(scores: jax.Array, k: jax.Array) -> jax.Array:
 
 
 def _by_bisection(scores: jax.Array, k: jax.Array) -> jax.Array:
-  """`largest_rows` by bisection on the float bits, all rows at once.
-
-  The k-th largest key of each row is built bit by bit, most significant first:
-  one compare-and-count pass per bit, no scatter and no sort (on XLA:CPU a pass
-  costs about a twelfth of a flat radix select). The loop stops as soon as every
-  row's prefix holds exactly ``k`` entries (for real-valued scores after about
-  ``log2(n)`` bits below the exponent); only where the k-th value is tied are
-  the equal entries taken by index, lowest first (a bisection over index bits).
-  """
-  key = sortable_bits(scores)
-  rows, n = key.shape
-  # count(key >= kth) per row; a row is settled when it equals k (or k == 0).
-  settled = lambda count: jnp.all((count == k) | (k == 0))
-
-  def cond(carry):
-    bit, _, count = carry
-    return (bit < 32) & ~settled(count)
-
-  def body(carry):
-    bit, kth, count = carry
-    candidate = kth | (jnp.uint32(1) << (31 - bit).astype(jnp.uint32))
-    above = jnp.sum(key >= candidate[:, None], axis=-1, dtype=jnp.int32)
-    take = above >= k
-    return bit + 1, jnp.where(take, candidate, kth), jnp.where(take, above, count)
-
-  _, kth, count = jax.lax.while_loop(
-      cond, body, (jnp.int32(0), jnp.zeros(rows, jnp.uint32), jnp.full(rows, n, jnp.int32)))
-
-  def split_ties():
-    greater = key > kth[:, None]
-    equal = key == kth[:, None]
-    need = k - greater.sum(-1, dtype=jnp.int32)
-    index = jnp.arange(n, dtype=jnp.int32)
-    # The largest `below` with count(equal & index < below) < need, bit by bit:
-    # the first `need` equal entries are those at index <= below.
-    below = jnp.zeros(rows, jnp.int32)
-    for b in reversed(range(max(1, int(n).bit_length()))):
-      candidate = below | (1 << b)
-      held = jnp.sum(equal & (index[None, :] < candidate[:, None]), axis=-1, dtype=jnp.int32)
-      below = jnp.where(held < need, candidate, below)
-    return greater | (equal & (index[None, :] <= below[:, None]))
-
-  selected = jax.lax.cond(settled(count), lambda: key >= kth[:, None], split_ties)
-  return selected & (k[:, None] > 0)
+  """`largest_rows` by bisection (:func:`_by_bisection_along` on ``[rows, n, 1]``)."""
+  return _by_bisection_along(scores[:, :, None], k[:, None])[:, :, 0]
 
 
 def largest_rows(scores: jax.Array, k: jax.Array, max_k: int) -> jax.Array:
@@ -206,3 +164,93 @@ def largest_rows(scores: jax.Array, k: jax.Array, max_k: int) -> jax.Array:
   return jax.lax.platform_dependent(
       scores, k, cpu=_by_bisection,
       default=lambda s, kk: jax.vmap(lambda r, c: by_top_k(r, c, max_k))(s, kk))
+
+
+def largest_along(scores: jax.Array, k: jax.Array, max_k: int) -> jax.Array:
+  """:func:`largest` on every column ``scores[a, :, b]`` of ``[A, n, B]``, ``k[a, b]``
+  entries each (ties to the lower index along the column).
+
+  The columns are a layer's groups as ``rigl_jax.structure`` lays them out (no
+  transpose needed): a pairwise rank for columns of up to 16 entries (N:M), and
+  otherwise a bisection on the float bits, all columns at once (on CPU) or a
+  batched ``lax.top_k`` (elsewhere).
+  """
+  a, n, b = scores.shape
+  max_k = min(int(max_k), n)
+  if max_k == 0 or scores.size == 0:
+    return jnp.zeros(scores.shape, bool)
+  k = jnp.clip(jnp.broadcast_to(jnp.asarray(k, jnp.int32), (a, b)), 0, max_k)
+  if b == 1:
+    return largest_rows(scores[:, :, 0], k[:, 0], max_k)[:, :, None]
+  if n <= 16:
+    key = sortable_bits(scores)
+    index = jnp.arange(n)
+    # beats[a, i, j, b]: entry j beats entry i (larger, or equal at a lower index)
+    beats = (key[:, None, :, :] > key[:, :, None, :]) | (
+        (key[:, None, :, :] == key[:, :, None, :]) &
+        (index[None, None, :, None] < index[None, :, None, None]))
+    return beats.sum(2, dtype=jnp.int32) < k[:, None, :]
+
+  def on_cpu(s, kk):
+    return _by_bisection_along(s, kk)
+
+  def elsewhere(s, kk):
+    rows = s.transpose(0, 2, 1).reshape(a * b, n)
+    picked = jax.vmap(lambda r, c: by_top_k(r, c, max_k))(rows, kk.reshape(-1))
+    return picked.reshape(a, b, n).transpose(0, 2, 1)
+
+  return jax.lax.platform_dependent(scores, k, cpu=on_cpu, default=elsewhere)
+
+
+def _by_bisection_along(scores: jax.Array, k: jax.Array) -> jax.Array:
+  """The ``k[a, b]`` largest entries of each column ``scores[a, :, b]``, by bisection.
+
+  The k-th largest key of each column is built bit by bit, most significant
+  first: one compare-and-count pass per bit, no scatter and no sort (on XLA:CPU
+  a pass costs about a twelfth of a flat radix select). The loop stops as soon
+  as every column's prefix holds exactly ``k`` entries (for real-valued scores
+  after about ``log2(n)`` bits below the exponent). A column whose k-th largest
+  score is 0 (no signal: a dead unit's zero gradients) is settled at once.
+  Entries equal to the k-th value are taken by index, lowest first (a bisection
+  over the index bits), only where some column needs it.
+  """
+  key = sortable_bits(scores)
+  a, n, b = key.shape
+  zero = sortable_bits(jnp.zeros([], jnp.float32))
+  positive = jnp.sum(key > zero, axis=1, dtype=jnp.int32)
+  at_least_zero = jnp.sum(key >= zero, axis=1, dtype=jnp.int32)
+  at_zero = (positive < k) & (k <= at_least_zero)      # the k-th largest is 0
+  settled = lambda count: jnp.all((count == k) | (k == 0) | at_zero)
+
+  def cond(carry):
+    bit, _, count = carry
+    return (bit < 32) & ~settled(count)
+
+  def body(carry):
+    bit, kth, count = carry
+    candidate = kth | (jnp.uint32(1) << (31 - bit).astype(jnp.uint32))
+    above = jnp.sum(key >= candidate[:, None, :], axis=1, dtype=jnp.int32)
+    take = (above >= k) & ~at_zero
+    return bit + 1, jnp.where(take, candidate, kth), jnp.where(take, above, count)
+
+  start = (jnp.int32(0), jnp.where(at_zero, zero, jnp.uint32(0)),
+           jnp.where(at_zero, at_least_zero, n))
+  _, kth, count = jax.lax.while_loop(cond, body, start)
+
+  def split_ties():
+    greater = key > kth[:, None, :]
+    equal = key == kth[:, None, :]
+    need = k - greater.sum(1, dtype=jnp.int32)
+    index = jnp.arange(n, dtype=jnp.int32)[None, :, None]
+    # The largest `below` with count(equal & index < below) < need, bit by bit:
+    # the first `need` equal entries are those at index <= below.
+    below = jnp.zeros((a, b), jnp.int32)
+    for bit in reversed(range(max(1, int(n).bit_length()))):
+      candidate = below | (1 << bit)
+      held = jnp.sum(equal & (index < candidate[:, None, :]), axis=1, dtype=jnp.int32)
+      below = jnp.where(held < need, candidate, below)
+    return greater | (equal & (index <= below[:, None, :]))
+
+  exact = jnp.all((count == k) | (k == 0))
+  selected = jax.lax.cond(exact, lambda: key >= kth[:, None, :], split_ties)
+  return selected & (k[:, None, :] > 0)

@@ -155,32 +155,45 @@ class Layout:
     return self.group_count(sparsity) * self.groups()[0] * self.unit_size
 
   def to_units(self, x: jax.Array) -> jax.Array:
-    """``[layers, groups, group_size]`` view; a block's units are summed over the block."""
+    """The units as ``[A, group_size, B]``: a group is a column ``[a, :, b]``.
+
+    No transpose (XLA:CPU pays for every one): constant fan-in is the layer as
+    ``[layers, fan_in, fan_out]``; N:M ``[layers * fan_in / M, M, fan_out]``;
+    blocks (summed over each block) and unstructured ``[layers, units, 1]``. The
+    first axis is layer-major, so ``u.reshape(n_layers, -1)`` is each layer in
+    its natural (row-major) order.
+    """
     s, n = self.structure, self.n_layers
     if s.kind == "constant_fan_in":
-      return x.reshape(n, self.fan_in, self.fan_out).transpose(0, 2, 1)
+      return x.reshape(n, self.fan_in, self.fan_out)
     if s.kind == "n_of_m":
-      y = x.reshape(n, self.fan_in // s.m, s.m, self.fan_out).transpose(0, 1, 3, 2)
-      return y.reshape(n, -1, s.m)
+      return x.reshape(n * (self.fan_in // s.m), s.m, self.fan_out)
     if s.kind == "block":
       y = x.reshape(n, self.fan_in // s.rows, s.rows, self.fan_out // s.cols, s.cols)
-      y = y.transpose(0, 1, 3, 2, 4).reshape(n, 1, -1, s.rows * s.cols)
-      return y.any(-1) if y.dtype == jnp.bool_ else y.sum(-1)
-    return x.reshape(n, 1, -1)
+      y = y.any((2, 4)) if y.dtype == jnp.bool_ else y.sum((2, 4))
+      return y.reshape(n, -1, 1)
+    return x.reshape(n, -1, 1)
 
   def from_units(self, u: jax.Array) -> jax.Array:
     """The leaf-shaped array of unit values (a block's value on each of its weights)."""
     s, n = self.structure, self.n_layers
-    if s.kind == "constant_fan_in":
-      return u.transpose(0, 2, 1).reshape(self.shape)
-    if s.kind == "n_of_m":
-      y = u.reshape(n, self.fan_in // s.m, self.fan_out, s.m).transpose(0, 1, 3, 2)
-      return y.reshape(self.shape)
     if s.kind == "block":
-      y = u.reshape(n, self.fan_in // s.rows, self.fan_out // s.cols, 1, 1)
-      y = jnp.broadcast_to(y, y.shape[:3] + (s.rows, s.cols)).transpose(0, 1, 3, 2, 4)
+      y = u.reshape(n, self.fan_in // s.rows, 1, self.fan_out // s.cols, 1)
+      y = jnp.broadcast_to(y, (n, self.fan_in // s.rows, s.rows, self.fan_out // s.cols, s.cols))
       return y.reshape(self.shape)
     return u.reshape(self.shape)
+
+  def from_group_major(self, g: jax.Array) -> jax.Array:
+    """``[layers, groups, group_size]`` (group-major, the order in which random
+    masks draw their scores) laid out as :meth:`to_units` lays units out."""
+    s, n = self.structure, self.n_layers
+    n_groups, size = self.groups()
+    if s.kind == "constant_fan_in":
+      return g.transpose(0, 2, 1)
+    if s.kind == "n_of_m":
+      y = g.reshape(n, self.fan_in // s.m, self.fan_out, s.m).transpose(0, 1, 3, 2)
+      return y.reshape(n * (self.fan_in // s.m), s.m, self.fan_out)
+    return g.reshape(n, size, 1)
 
 
 def check_fits(layout: Layout, path: str, argument: str = "structure") -> None:
@@ -270,11 +283,10 @@ def random_mask(key: jax.Array, layout: Layout, sparsity: float) -> jax.Array:
     return masks_lib.random_mask(key, layout.shape, masks_lib.num_active(
         math.prod(layout.shape), sparsity))
   n_groups, size = layout.groups()
-  scores = jax.random.uniform(key, (layout.n_layers, n_groups, size))
+  # Drawn group-major (layer, group, unit) and laid out as to_units lays it out.
+  scores = layout.from_group_major(jax.random.uniform(key, (layout.n_layers, n_groups, size)))
   c = layout.group_count(sparsity)
-  units = selection.largest_rows(scores.reshape(-1, size), jnp.full((scores.shape[0] *
-                                 n_groups,), c, jnp.int32), c)
-  return layout.from_units(units.reshape(scores.shape))
+  return layout.from_units(selection.largest_along(scores, c, c))
 
 
 def random_masks(key: jax.Array, params: PyTree, sparsities: PyTree, layout_tree: PyTree) -> PyTree:
@@ -291,48 +303,48 @@ def random_masks(key: jax.Array, params: PyTree, sparsities: PyTree, layout_tree
 
 
 def drop_in_layers(mask_u: jax.Array, magnitude_u: jax.Array, n_drop: jax.Array,
-                   max_drop: int) -> jax.Array:
-  """Per layer (first axis), the ``n_drop[layer]`` smallest-magnitude active units off.
+                   max_drop: int, n_layers: int) -> jax.Array:
+  """Per layer, the ``n_drop[layer]`` smallest-magnitude active units off.
 
-  ``mask_u``/``magnitude_u``: ``[layers, groups, group_size]``; ranking is over the
-  whole layer, across groups. Ties go to the lower index.
+  ``mask_u``/``magnitude_u``: units as :meth:`Layout.to_units` lays them out; the
+  ranking is over the whole layer, across groups, ties to the lower index in the
+  layer's natural order.
   """
   shape = mask_u.shape
-  flat_mask = mask_u.reshape(shape[0], -1)
-  scores = selection.drop_scores(flat_mask, magnitude_u.reshape(shape[0], -1))
+  flat_mask = mask_u.reshape(n_layers, -1)
+  scores = selection.drop_scores(flat_mask, magnitude_u.reshape(n_layers, -1))
   return (flat_mask & ~selection.largest_rows(scores, n_drop, max_drop)).reshape(shape)
 
 
 def fill_groups(mask_u: jax.Array, magnitude_u: jax.Array, grow_score_u: jax.Array | None,
                 target: jax.Array, max_change: int) -> jax.Array:
-  """Every group brought to ``target`` active units (broadcast to ``[layers, groups]``).
+  """Every group (a column ``[a, :, b]`` of the units) brought to ``target`` active
+  units (``target`` broadcast to ``[A, B]``).
 
   A group above its target drops its smallest-magnitude active units; a group
   below grows its largest-``grow_score`` inactive ones (scores >= 0; None: no
   group may fall short). At most ``max_change`` units change per group (a static
   bound). Each half runs only when some group needs it (a ``lax.cond``).
   """
-  layers, groups, size = mask_u.shape
-  rows = layers * groups
-  mask = mask_u.reshape(rows, size)
-  count = mask.sum(-1, dtype=jnp.int32)
-  target = jnp.broadcast_to(jnp.asarray(target, jnp.int32), (layers, groups)).reshape(rows)
+  a, size, b = mask_u.shape
+  count = mask_u.sum(1, dtype=jnp.int32)
+  target = jnp.broadcast_to(jnp.asarray(target, jnp.int32), (a, b))
   max_change = min(int(max_change), size)
   if max_change == 0:
     return mask_u
 
   def drop(mask):
-    scores = selection.drop_scores(mask, magnitude_u.reshape(rows, size))
-    return mask & ~selection.largest_rows(scores, jnp.maximum(count - target, 0), max_change)
+    scores = selection.drop_scores(mask, magnitude_u)
+    return mask & ~selection.largest_along(scores, jnp.maximum(count - target, 0), max_change)
 
   def grow(mask):
-    scores = selection.grow_scores(mask, grow_score_u.reshape(rows, size))
-    return mask | selection.largest_rows(scores, jnp.maximum(target - count, 0), max_change)
+    scores = selection.grow_scores(mask, grow_score_u)
+    return mask | selection.largest_along(scores, jnp.maximum(target - count, 0), max_change)
 
-  mask = jax.lax.cond(jnp.any(count > target), drop, lambda m: m, mask)
+  mask = jax.lax.cond(jnp.any(count > target), drop, lambda m: m, mask_u)
   if grow_score_u is not None:
     mask = jax.lax.cond(jnp.any(count < target), grow, lambda m: m, mask)
-  return mask.reshape(layers, groups, size)
+  return mask
 
 
 def drop_and_grow(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
@@ -350,7 +362,8 @@ def drop_and_grow(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
   n_drop = jnp.floor(drop_fraction * n_active).astype(jnp.int32)
   magnitude = layout.to_units(jnp.abs(weight).astype(jnp.float32))
   mask_u = layout.to_units(mask)
-  dropped = drop_in_layers(mask_u, magnitude, jnp.full((layout.n_layers,), n_drop), max_drop)
+  dropped = drop_in_layers(mask_u, magnitude, jnp.full((layout.n_layers,), n_drop), max_drop,
+                           layout.n_layers)
   score = layout.to_units(grow_score.astype(jnp.float32))
   grown = fill_groups(dropped, magnitude, score, c, min(c, max_drop))
   return layout.from_units(grown)
@@ -372,7 +385,7 @@ def describe(mask: np.ndarray, structure, stack_axes: int = 0) -> dict | None:
     whole = np.asarray(layout.to_units(jnp.asarray(mask).astype(jnp.int32)))
     if not np.isin(whole, (0, layout.unit_size)).all():
       return None  # a block partly on
-  counts = units.sum(-1)
+  counts = units.sum(1)
   held = np.unique(counts[counts > 0])
   if held.size > 1:
     return None
