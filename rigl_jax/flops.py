@@ -48,6 +48,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from rigl_jax.layer_cost import LayerCost  # re-exported: rigl_jax.flops.LayerCost
 from rigl_jax.masks import path_to_str
 
 PyTree = Any
@@ -57,40 +58,6 @@ TRAIN_METHODS = (
     "dense", "static", "set", "small_dense", "rigl", "rigl_sg", "rigl_sm", "snfs",
     "pruning", "lottery", "srigl",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerCost:
-  """One traced conv or dense call and what its FLOP count depends on.
-
-  Attributes:
-    path: '/'-joined key path of the kernel in ``variables["params"]``, e.g.
-      ``"Dense_0/kernel"``; the same string a mask pytree's leaf has.
-    kind: ``"conv"`` or ``"dense"``.
-    kernel_shape: shape of the kernel (Flax layout: spatial..., c_in/groups, c_out).
-    input_shape: per-example input shape (batch axis removed).
-    output_shape: per-example output shape (batch axis removed).
-    feature_group_count: conv groups (``c_in`` for a depthwise conv); 1 for dense.
-    has_bias: whether the layer adds a bias (one add per output).
-    fan_in: length of each output's dot product at density 1,
-      ``prod(kernel_shape[:-1])`` = ``k*k*c_in/groups`` for a conv.
-    outputs_per_example: number of output elements per example, e.g.
-      ``H_out*W_out*c_out``.
-  """
-  path: str
-  kind: str
-  kernel_shape: tuple[int, ...]
-  input_shape: tuple[int, ...]
-  output_shape: tuple[int, ...]
-  feature_group_count: int
-  has_bias: bool
-  fan_in: int
-  outputs_per_example: int
-
-  @property
-  def num_params(self) -> int:
-    """Number of kernel weights (bias excluded)."""
-    return int(np.prod(self.kernel_shape))
 
 
 def _leading_dim(x) -> int:

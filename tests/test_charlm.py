@@ -290,3 +290,20 @@ def test_bits_per_char_in_metrics_jsonl_and_tensorboard(tmp_path):
   assert {"bits_per_char", "val/bits_per_char", "test/bits_per_char"} <= tags
   [test] = acc.Scalars("test/bits_per_char")
   assert test.step == 60 and test.value == pytest.approx(summary["test_bits_per_char"], rel=1e-6)
+
+
+def test_models_do_not_import_the_flop_counter():
+  """config -> models -> models/charlm -> flops -> config was a circle: the layer cost
+  record lives in rigl_jax/layer_cost.py, and the models import no FLOP code."""
+  code = ("import sys; import rigl_jax.models, rigl_jax.models.charlm; "
+          "print('rigl_jax.flops' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
+  models_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "rigl_jax", "models")
+  for name in os.listdir(models_dir):
+    if name.endswith(".py"):
+      text = open(os.path.join(models_dir, name)).read()
+      assert "rigl_jax.flops" not in text and "import flops" not in text, name
+  for first in ("rigl_jax.models.charlm", "rigl_jax.flops", "rigl_jax.config"):
+    subprocess.run([sys.executable, "-c", f"import {first}; import rigl_jax.train"], check=True)

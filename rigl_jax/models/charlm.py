@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rigl_jax.layer_cost import LayerCost
 from rigl_jax.models.layers import scale_width
 
 
@@ -59,7 +60,6 @@ class GRURecurrence(nn.Module):
 
 
 def _product_cost(path: str, fan_in: int, outputs: int, kernel_shape, has_bias: bool):
-  from rigl_jax.flops import LayerCost  # pylint: disable=import-outside-toplevel
   return LayerCost(path=path, kind="dense", kernel_shape=tuple(kernel_shape),
                    input_shape=(), output_shape=(outputs,), feature_group_count=1,
                    has_bias=has_bias, fan_in=int(fan_in), outputs_per_example=int(outputs))
