@@ -153,8 +153,12 @@ def _choice(c, field: str, allowed):
   _require(c[field] in allowed, field, f"must be one of {tuple(allowed)}, got {c[field]!r}")
 
 
-def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
-  """Raises :class:`ConfigError` naming the first bad field; touches nothing."""
+def validate(c: ml_collections.ConfigDict, *, device_count: int = 1,
+             need_lottery_source: bool = True) -> None:
+  """Raises :class:`ConfigError` naming the first bad field; touches nothing.
+
+  ``need_lottery_source=False``: a lottery config without ``source_workdir`` is
+  accepted (the FLOP tool counts its source as this config's pruning run)."""
   from rigl_jax import data, models  # pylint: disable=import-outside-toplevel
   from rigl_jax.data import augment  # pylint: disable=import-outside-toplevel
 
@@ -269,7 +273,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
   _require(c.batch_size % device_count == 0, "batch_size",
            f"{c.batch_size} is not divisible by the number of devices ({device_count}); "
            f"use a multiple of {device_count}")
-  if c.method == "lottery":
+  if c.method == "lottery" and need_lottery_source:
     _require(bool(c.source_workdir), "source_workdir",
              "method 'lottery' needs the workdir of a finished pruning run")
   total = total_steps_hint(c)

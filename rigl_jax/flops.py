@@ -386,7 +386,7 @@ def config_flops(c, steps_per_epoch: int | None = None) -> dict:
   from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax import data, distributions, masks, models  # pylint: disable=import-outside-toplevel
 
-  config_lib.validate(c)
+  config_lib.validate(c, need_lottery_source=False)
   input_shape, num_classes = data.input_spec(c.dataset, c.sequence_length)
   model = models.get_model(c.model, num_classes=num_classes,
                            width_multiplier=config_lib.width_multiplier(c))
@@ -439,11 +439,11 @@ def config_flops(c, steps_per_epoch: int | None = None) -> dict:
   if c.method == "lottery":
     summary_path = os.path.join(c.source_workdir, "summary.json")
     config_path = os.path.join(c.source_workdir, "config.json")
-    if os.path.isfile(summary_path):
+    if c.source_workdir and os.path.isfile(summary_path):
       with open(summary_path) as f:
         source_mult, origin = float(json.load(f)["train_flops_multiplier"]), summary_path
     else:
-      if os.path.isfile(config_path):
+      if c.source_workdir and os.path.isfile(config_path):
         with open(config_path) as f:
           source = config_lib.base_config()
           source.update(json.load(f))
@@ -462,9 +462,27 @@ def config_flops(c, steps_per_epoch: int | None = None) -> dict:
 
 
 def main(argv):
-  del argv
+  """Prints the config's FLOPs as JSON; any bad input is one ``error:`` line, exit 2."""
   import json  # pylint: disable=import-outside-toplevel
-  print(json.dumps(config_flops(_FLAGS.config), indent=2))
+  import sys  # pylint: disable=import-outside-toplevel
+
+  from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from rigl_jax.masks import ArgumentError  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    print(f"error: flags: unexpected argument(s) {' '.join(argv[1:])!r}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    result = config_flops(_FLAGS.config)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except ArgumentError as e:
+    print(f"error: config.{e.argument}: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (OSError, ValueError, KeyError) as e:  # an unreadable or damaged source run
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -127,3 +127,32 @@ def test_imagenet_config_is_the_authors():
   epochs = [step * 4096 / 1_281_167 for step in c.lr_drop_steps]
   for step, epoch, target in zip(c.lr_drop_steps, epochs, (30, 70, 90)):
     assert epoch >= target > (step - 1) * 4096 / 1_281_167  # the first step past the epoch
+
+
+def test_lottery_config_alone_counts_this_configs_pruning_run():
+  """`--config.method=lottery` without a source run: the source is this config's
+  pruning_global run (the documented fallback), not a traceback."""
+  result = subprocess.run(
+      [sys.executable, "-m", "rigl_jax.flops", f"--config={REPO}/configs/quickstart.py",
+       "--config.method=lottery"], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = json.loads(result.stdout)
+  assert out["source"] == "this config with method='pruning_global'"
+  assert out["train_multiplier"] == pytest.approx(
+      out["retrain_multiplier"] + out["source_train_multiplier"])
+  assert out["source_train_multiplier"] > out["retrain_multiplier"] > 0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.sparsity=2"], "error: config.sparsity: must be a number"),
+    (["--config.method=magic"], "error: config.method: "),
+    (["--config.structure=block:7x7"], "error: config.structure: structure: block:7x7 needs"),
+])
+def test_bad_input_is_one_error_line(args, expected):
+  result = subprocess.run(
+      [sys.executable, "-m", "rigl_jax.flops", f"--config={REPO}/configs/quickstart.py", *args],
+      capture_output=True, text=True, timeout=300)
+  lines = [l for l in result.stderr.splitlines() if l.strip() and l[:1] not in "IW"]
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert lines and lines[-1].startswith(expected), lines
