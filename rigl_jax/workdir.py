@@ -308,6 +308,10 @@ def write_summary(workdir: str, summary: dict) -> None:
 # ----------------------------------------------------------------------------- other runs
 
 
+# Fields a lottery run must share with its source pruning run.
+LOTTERY_SOURCE_FIELDS = ("model", "dataset", "sparsity", "distribution")
+
+
 def load_lottery_source(c, params_shape):
   """The final masks, the initial params and the training cost (``train_flops``,
   ``train_flops_multiplier`` of its summary) of the pruning run in ``source_workdir``:
@@ -322,11 +326,14 @@ def load_lottery_source(c, params_shape):
 
   require("config.json")
   source_config = read_json(paths.join(source, "config.json"), "source_workdir")
-  for field in ("model", "dataset"):
-    if source_config.get(field) != c[field]:
+  # A ticket retrains its source's masks: a run filed under another sparsity,
+  # model, data set or distribution would be a wrong row of the report.
+  for field in LOTTERY_SOURCE_FIELDS:
+    if source_config.get(field, config_lib.base_config()[field]) != c[field]:
       raise config_lib.ConfigError(
-          f"config.source_workdir: the source run trained {field}="
-          f"{source_config.get(field)!r}, this run asks for {c[field]!r}")
+          f"config.{field}: the source run in {source!r} trained {field}="
+          f"{source_config.get(field)!r}; a lottery ticket retrains its source's masks, "
+          f"so {field} must be {source_config.get(field)!r}, got {c[field]!r}")
   for name in ("summary.json", "final_masks", "initial_params"):
     require(name)
   mask_target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bool_), params_shape)

@@ -558,7 +558,7 @@ BAD_FLAGS = [  # (id, args, expected start of the error message)
      "config.dense_layers: dense: pattern 'nomatch' matches no parameter"),
     ("lottery source other model", ["--config.method=lottery",
                                     "--config.source_workdir={tmp}/lenet5_run"],
-     "config.source_workdir: the source run trained model='lenet5'"),
+     "config.model: the source run in '{tmp}/lenet5_run' trained model='lenet5'"),
 ]
 
 
@@ -592,11 +592,18 @@ BAD_RUNS = [  # (id, config overrides, expected start of the message); {tmp}: tm
     ("lottery source missing", {"method": "lottery", "source_workdir": "{tmp}/nope"},
      "config.source_workdir: '{tmp}/nope' has no config.json"),
     ("lottery source other model", {"method": "lottery", "source_workdir": "{tmp}/lenet5_run"},
-     "config.source_workdir: the source run trained model='lenet5'"),
+     "config.model: the source run in '{tmp}/lenet5_run' trained model='lenet5'"),
     ("distribution source missing", {"distribution_source": "{tmp}/nope"},
      "config.distribution_source: '{tmp}/nope' has no summary.json"),
     ("distribution source other model", {"distribution_source": "{tmp}/lenet5_summary"},
      "config.distribution_source: the run in '{tmp}/lenet5_summary' trained"),
+    ("lottery at another sparsity than its source",
+     {"method": "lottery", "source_workdir": "{tmp}/mlp90_run", "sparsity": 0.8},
+     "config.sparsity: the source run in '{tmp}/mlp90_run' trained sparsity=0.9; a lottery "
+     "ticket retrains its source's masks, so sparsity must be 0.9, got 0.8"),
+    ("lottery with another distribution than its source",
+     {"method": "lottery", "source_workdir": "{tmp}/mlp90_run", "distribution": "uniform"},
+     "config.distribution: the source run in '{tmp}/mlp90_run' trained distribution='erk'"),
     ("source without lottery", {"source_workdir": "{tmp}/lenet5_run"},
      "config.source_workdir: only method 'lottery' reads it"),
     ("custom pattern matches nothing", {"custom_sparsity": {"conv9": 0.5}},
@@ -625,6 +632,10 @@ BAD_RUNS = [  # (id, config overrides, expected start of the message); {tmp}: tm
 def test_bad_run_input_raises_before_writing(tmp_path, name, overrides, expected):
   _fake_run(tmp_path / "lenet5_run", "lenet5")
   _fake_run(tmp_path / "lenet5_summary", "lenet5", files=("summary.json",))
+  _fake_run(tmp_path / "mlp90_run", "lenet_300_100")
+  with open(tmp_path / "mlp90_run" / "config.json", "w") as f:
+    json.dump({"model": "lenet_300_100", "dataset": "mnist5k", "sparsity": 0.9,
+               "distribution": "erk", "method": "pruning_global"}, f)
   workdir = tmp_path / "wd"
   c = quickstart_config()
   c.num_train_steps = 10
