@@ -430,3 +430,15 @@ def test_full_wrn_22_2_train_forward_depends_on_the_dropout_key():
   assert not np.allclose(run(jax.random.key(0)), run(jax.random.key(1)))
   evaluate = jax.jit(lambda key: model.apply(v, x, train=False, rngs={"dropout": key}))
   np.testing.assert_array_equal(evaluate(jax.random.key(0)), evaluate(jax.random.key(1)))
+
+
+def test_resnet50_small_dense_widths_expand_the_truncated_width():
+  """The report's PyTorch ResNet-50 truncates the bottleneck width, then expands it by 4
+  (int(base * s) * 4): at 90% the block outputs are 80/160/320/644, not 80/161/323/647."""
+  m = math.sqrt(1 - 0.9)
+  params = abstract_variables(
+      get_model("resnet50_cifar", num_classes=100, width_multiplier=m), (1, 32, 32, 3))["params"]
+  outs = [params[f"group{g}_block1"]["conv3"]["kernel"].shape[-1] for g in (1, 2, 3, 4)]
+  mids = [params[f"group{g}_block1"]["conv1"]["kernel"].shape[-1] for g in (1, 2, 3, 4)]
+  assert mids == [20, 40, 80, 161]
+  assert outs == [80, 160, 320, 644]

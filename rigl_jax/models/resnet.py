@@ -90,7 +90,9 @@ class ResNet(nn.Module):
         strides = 2 if g > 0 and b == 0 else 1
         x = BottleneckBlock(
             features=scale_width(base, self.width_multiplier),
-            out_features=scale_width(4 * base, self.width_multiplier),
+            # The expansion of 4 applies to the truncated width, as the report's
+            # PyTorch code does (int(base * s) * 4): 80/160/320/644 at 90%.
+            out_features=4 * scale_width(base, self.width_multiplier),
             strides=strides, dtype=self.dtype,
             name=f"group{g + 1}_block{b + 1}")(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
