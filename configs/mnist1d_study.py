@@ -19,7 +19,10 @@ STEPS = 20 * 273
 # The report's pruning (configs/cifar10_wrn22_2.py): global magnitude pruning of
 # every kernel; its start (700 of 87,750 steps) and warm-up (3,500) scaled to 5,460
 # steps: 44 and 218.
-PRUNING = dict(config_lib.PRUNING_BASELINE, start_step=44, warmup_steps=218)
+# The MLP's first layer holds most of its weights: unlike the report's conv
+# nets (whose pruning rows keep the stem dense) it is pruned too.
+PRUNING = dict(config_lib.PRUNING_BASELINE, start_step=44, warmup_steps=218,
+               uniform_first_layer_dense=False)
 
 
 def get_config():

@@ -15,7 +15,10 @@ from rigl_jax import config as config_lib
 # The report's pruning (global magnitude pruning of every kernel; configs/
 # cifar10_wrn22_2.py), its start (step 700 of 87,750) and CIFAR-10 warm-up (3,500
 # steps) scaled to this run's 2,100 steps: 17 and 84. T_end stays at 75%.
-PRUNING = dict(config_lib.PRUNING_BASELINE, start_step=17, warmup_steps=84)
+# The MLP's first layer holds most of its weights: unlike the report's conv
+# nets (whose pruning rows keep the stem dense) it is pruned too.
+PRUNING = dict(config_lib.PRUNING_BASELINE, start_step=17, warmup_steps=84,
+               uniform_first_layer_dense=False)
 
 
 def get_config():

@@ -371,8 +371,10 @@ def report_table_grid(seeds=(0, 1, 2), sparsities=(0.5, 0.8, 0.9, 0.95), *,
 
 
 # The report's pruning baseline: one magnitude threshold over every conv and dense
-# kernel (rigl-reproducibility @97443be: conf/masking/Pruning.yaml l.9
-# `prune_mode: global-magnitude`; sparselearning/core.py l.229-244 masks every
-# weight but biases and BatchNorm). Schedules are set per data set in configs/.
+# kernel but the first (rigl-reproducibility @97443be: conf/masking/Pruning.yaml l.9
+# `prune_mode: global-magnitude`, l.4 `sparse_init: random`, whose random_init
+# leaves the first layer dense, sparselearning/funcs/init_scheme.py l.193-200; the
+# authors' TF code: prune_first_layer=False, rigl/cifar_resnet/resnet_train_eval.py
+# l.96). Schedules are set per data set in configs/.
 PRUNING_BASELINE = dict(method="pruning_global", distribution="uniform",
-                        uniform_first_layer_dense=False)
+                        uniform_first_layer_dense=True)

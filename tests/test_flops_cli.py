@@ -106,10 +106,14 @@ def test_report_grids_prune_globally_from_step_700(config_file):
   assert len(rows) == 4 * 3
   for row in rows:
     assert row["method"] == "pruning_global"
-    assert row["distribution"] == "uniform" and row["uniform_first_layer_dense"] is False
+    # The stem stays dense: PT Pruning.yaml l.4 `sparse_init: random` (random_init
+    # skips the first layer), TF prune_first_layer=False.
+    assert row["distribution"] == "uniform" and row["uniform_first_layer_dense"] is True
     assert (row["start_step"], row["end_step"], row["update_every"]) == (700, 65_918, 100)
   c = module.get_config()
   c.update({k: v for k, v in rows[0].items()})
+  layers = flops.config_flops(c)["layers"]
+  assert layers[0]["density"] == 1.0 and all(l["density"] < 1.0 for l in layers[1:-1])
   warmup = config_lib.warmup_steps(c, steps_per_epoch=351)
   assert warmup == (3500 if config_file.startswith("cifar10_") else 1760)
   # The other rows warm up only on CIFAR-100 (both as the report's code does).
