@@ -35,6 +35,7 @@ def get_config():
   c.warmup_steps = 1760
   c.lr_drop_steps = (20_000, 40_000, 60_000, 80_000)   # decay_frequency 20000, l.29
   c.lr_drop_factor = 0.2
+  c.lr_drops_after_warmup = True   # StepLR starts after the warm-up: 21,760, 41,760, ...
   c.momentum = 0.9
   c.nesterov = True
   c.weight_decay = 1e-4

@@ -12,10 +12,12 @@ from rigl_jax import config as config_lib
 
 # The report's pruning rows (Table 2 "Pruning"): global magnitude pruning of every
 # kernel, from step 700 to 65,918 every 100 steps (conf/specific/
-# cifar10_wrn_22_2_pruning.yaml l.17-19), with a 3,500-step lr warm-up that only
-# the pruning runs use (makefiles/cifar10.mk l.38).
+# cifar10_wrn_22_2_pruning.yaml l.17-19), with an lr warm-up that only the pruning
+# runs use: 3,500 steps in makefiles/cifar10.mk l.38, which the code's warm-up
+# scheduler runs as 10 epochs of 352 steps, 3,520; the lr drops count from its end
+# (lr_drops_after_warmup): 33,520 and 63,520.
 PRUNING = dict(config_lib.PRUNING_BASELINE, start_step=700, end_step=65_918,
-               update_every=100, warmup_steps=3500)
+               update_every=100, warmup_steps=3520)
 
 
 def get_config():
@@ -35,6 +37,7 @@ def get_config():
   c.learning_rate = 0.1
   c.lr_drop_steps = (30_000, 60_000)         # StepLR every 30,000 steps (decay_frequency)
   c.lr_drop_factor = 0.2
+  c.lr_drops_after_warmup = True             # StepLR starts after the warm-up: main.py l.276-277
   c.momentum = 0.9
   c.nesterov = True
   c.weight_decay = 5e-4

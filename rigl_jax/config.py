@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lr_drop_factor = 0.2
   c.warmup_epochs = 0.0
   c.warmup_steps = -1             # linear lr warm-up in steps (overrides warmup_epochs when >= 0)
+  c.lr_drops_after_warmup = False  # True: lr_drop_steps count from the warm-up's end (PT)
   c.optimizer = "sgd"             # sgd (momentum, nesterov) or adam (b1 = momentum, b2 = 0.999)
   c.momentum = 0.9
   c.nesterov = True
@@ -230,7 +231,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1,
                      ("warmup_steps", -1), ("sequence_length", 1)):
     _int_at_least(c, field, low)
   for field in ("nesterov", "skip_inner_update_on_mask_step", "overwrite",
-                "uniform_first_layer_dense"):
+                "uniform_first_layer_dense", "lr_drops_after_warmup"):
     _require(isinstance(c[field], bool), field, f"must be True or False, got {c[field]!r}")
   # Seeds of 2**32 and more wrap around in jax.random.key (without x64): no silent aliasing.
   _require(c.seed < 2**32, "seed", f"must be an int < 2**32, got {c.seed}")
@@ -279,7 +280,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1,
   total = total_steps_hint(c)
   for field, steps in (("num_train_steps", total),
                        ("end_step", int(round(max(c.end_step, 0) * c.train_multiplier))),
-                       ("lr_drop_steps", max([0, *lr_drop_steps(c)]))):
+                       ("lr_drop_steps", max([0, *lr_drop_steps(c, max(c.warmup_steps, 0))]))):
     _require(steps is None or steps <= INT_MAX, field,
              f"times train_multiplier={c.train_multiplier} is {steps} steps, more than a "
              f"step counter holds ({INT_MAX})")
@@ -317,8 +318,13 @@ def end_step(c, total: int) -> int:
   return int(c.end_fraction * total)
 
 
-def lr_drop_steps(c) -> list[int]:
-  return [int(round(s * c.train_multiplier)) for s in c.lr_drop_steps]
+def lr_drop_steps(c, warmup: int = 0) -> list[int]:
+  """The steps at which the lr drops: ``lr_drop_steps`` scaled by ``train_multiplier``,
+  and moved by the warm-up's ``warmup`` steps when ``lr_drops_after_warmup`` (the
+  report's PyTorch code steps its StepLR only once the warm-up scheduler has ended,
+  main.py l.276-277, l.300; train_helper.py l.52-57)."""
+  shift = warmup if c.lr_drops_after_warmup else 0
+  return [int(round(s * c.train_multiplier)) + shift for s in c.lr_drop_steps]
 
 
 def warmup_steps(c, steps_per_epoch: int) -> int:

@@ -61,8 +61,9 @@ class TrainState(NamedTuple):
 def learning_rate_fn(c, steps_per_epoch: int):
   """Linear warm-up, then the base rate times ``lr_drop_factor`` per drop passed."""
   warmup = config_lib.warmup_steps(c, steps_per_epoch)
-  drops = jnp.asarray(config_lib.lr_drop_steps(c) or [np.iinfo(np.int32).max], jnp.int32)
-  n_drops = len(config_lib.lr_drop_steps(c))
+  drop_steps = config_lib.lr_drop_steps(c, warmup)
+  drops = jnp.asarray(drop_steps or [np.iinfo(np.int32).max], jnp.int32)
+  n_drops = len(drop_steps)
 
   def fn(step):
     passed = jnp.sum(step >= drops) if n_drops else 0

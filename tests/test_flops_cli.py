@@ -115,7 +115,12 @@ def test_report_grids_prune_globally_from_step_700(config_file):
   layers = flops.config_flops(c)["layers"]
   assert layers[0]["density"] == 1.0 and all(l["density"] < 1.0 for l in layers[1:-1])
   warmup = config_lib.warmup_steps(c, steps_per_epoch=351)
-  assert warmup == (3500 if config_file.startswith("cifar10_") else 1760)
+  # CIFAR-10: makefiles/cifar10.mk's 3,500 steps run as 10 epochs of 352 (3,520).
+  assert warmup == (3520 if config_file.startswith("cifar10_") else 1760)
+  # The lr drops count from the warm-up's end (PT main.py l.276-277, l.300).
+  assert config_lib.lr_drop_steps(c, warmup) == (
+      [33_520, 63_520] if config_file.startswith("cifar10_")
+      else [21_760, 41_760, 61_760, 81_760])
   # The other rows warm up only on CIFAR-100 (both as the report's code does).
   other = module.get_config()
   assert config_lib.warmup_steps(other, 351) == (0 if config_file.startswith("cifar10_") else 1760)

@@ -681,7 +681,7 @@ _BAD_FIELDS = [
     ("overwrite", "no"), ("uniform_first_layer_dense", 0),
     ("dropout_rate", 0.3), ("dropout_rate", 1.0), ("dropout_rate", -0.5), ("dropout_rate", "0"),
     ("augmentation", "autoaugment"), ("augmentation", 3), ("warmup_steps", -2),
-    ("warmup_steps", 1.5), ("structure", "3:2"), ("structure", "block:1x1"),
+    ("warmup_steps", 1.5), ("lr_drops_after_warmup", 1), ("structure", "3:2"), ("structure", "block:1x1"),
     ("structure", "fan_in"), ("structure", 4), ("srigl_gamma_sal", 1.0),
     ("srigl_gamma_sal", "0.3"), ("srigl_no_ablation", "head"), ("srigl_no_ablation", ("(",)),
 ]
