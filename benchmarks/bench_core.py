@@ -321,8 +321,10 @@ def bench_model(name, batch, hwc, reps, calls, warmup, log):
     update_fns[m] = FnRunner(compiled, sparse_params, grads, masks, step_arr, m_state)
   for label, (m, structure, sparsity) in STRUCTURED.items():
     fn, _ = make_method_update_fn(m, sparse_params, structure, sparsity)
-    s_masks = structured_masks(label, sparse_params)
-    args = (rigl_jax.masks.apply_masks(sparse_params, s_masks), grads, s_masks, step_arr, ())
+    # The dense initial params under the structured masks (not the RigL-masked
+    # ones, where most structured-active weights would be exactly 0 and tie).
+    s_masks = structured_masks(label, params)
+    args = (rigl_jax.masks.apply_masks(params, s_masks), grads, s_masks, step_arr, ())
     compiled, update_compile[label] = compile_timed(fn, *args)
     update_fns[label] = FnRunner(compiled, *args)
   rigl_compile = update_compile["rigl"]
