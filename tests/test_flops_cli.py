@@ -152,6 +152,7 @@ def test_lottery_config_alone_counts_this_configs_pruning_run():
   assert out["source_train_multiplier"] > out["retrain_multiplier"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, expected", [
     (["--config.sparsity=2"], "error: config.sparsity: must be a number"),
     (["--config.method=magic"], "error: config.method: "),
