@@ -54,7 +54,6 @@ from rigl_jax.masks import ArgumentError
 
 PyTree = Any
 
-STRUCTURE_FORMS = ("unstructured", "constant_fan_in", "N:M", "block:RxC")
 _HELP = ("'unstructured', 'constant_fan_in', 'N:M' with 0 < N < M (e.g. '2:4') or "
          "'block:RxC' (e.g. 'block:4x4')")
 

@@ -105,7 +105,11 @@ def main():
     assert any((np.asarray(a) != np.asarray(b)).any() for a, b in
                zip(jax.tree.leaves(initial), jax.tree.leaves(reference[1].masks))), method
     for name, (shape, specs) in layouts.items():
-      for axis_type in (AxisType.Explicit, AxisType.Auto):
+      # The structured entries run on Explicit axes only (Auto is the same code
+      # path for them), to keep the default test set short.
+      structured = method[1] is not None or method[0] == "srigl"
+      for axis_type in ((AxisType.Explicit,) if structured and n == 2 else
+                        (AxisType.Explicit, AxisType.Auto)):
         check(shape, axis_type, specs, method, reference)
         print(f"ok {n} devices {name} {axis_type.name} {method[0]} {method[1]}")
 

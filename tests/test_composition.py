@@ -44,7 +44,10 @@ def test_sharded_params_on_explicit_and_auto_meshes(devices):
                           capture_output=True, text=True, env=env, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   layouts = 3 if devices == 4 else 2
-  assert result.stdout.count("ok ") == 8 * layouts * 2, result.stdout
+  # 4 unstructured entries on both axis types; 4 structured ones on Explicit axes
+  # only with 2 devices, on both with 4.
+  expected = 4 * layouts * 2 + 4 * layouts * (2 if devices == 4 else 1)
+  assert result.stdout.count("ok ") == expected, result.stdout
 
 
 # ----------------------------------------------------------------------------- optax
@@ -240,7 +243,9 @@ def test_launch_tools_live_in_the_package():
   assert not os.path.exists(os.path.join(os.path.dirname(HERE), "launch"))
 
 
-@pytest.mark.parametrize("method", ["rigl", "set", "snfs", "rigl_sm", "srigl", "pruning_global"])
+@pytest.mark.parametrize("method", [
+    "rigl", pytest.param("set", marks=pytest.mark.slow), "snfs",
+    pytest.param("rigl_sm", marks=pytest.mark.slow), "srigl", "pruning_global"])
 def test_non_finite_weights_keep_exact_counts(method, caplog):
   """float16 with adam's eps=1e-8 overflows: weights turn inf and NaN. The masks keep
   their counts (they grew by ~2x before), and report_nonfinite says so once."""

@@ -77,11 +77,14 @@ STRUCTURED_METHODS = [("constant_fan_in", m) for m in
                       ("block:2x2", "pruning")]
 
 
-@settings(max_examples=24, **COMMON)
-@given(shapes=structured_layers(), case=st.sampled_from(STRUCTURED_METHODS),
-       sparsity=st.sampled_from([0.5, 0.8, 0.9]), kind=st.sampled_from(["uniform", "erk"]),
-       seed=st.integers(0, 3))
-def test_every_update_keeps_the_structures_counts(shapes, case, sparsity, kind, seed):
+def _examples(n):
+  return settings(max_examples=n, **COMMON)(given(
+      shapes=structured_layers(), case=st.sampled_from(STRUCTURED_METHODS),
+      sparsity=st.sampled_from([0.5, 0.8, 0.9]), kind=st.sampled_from(["uniform", "erk"]),
+      seed=st.integers(0, 3))(_keeps_the_structures_counts))
+
+
+def _keeps_the_structures_counts(shapes, case, sparsity, kind, seed):
   structure, method = case
   if structure_lib.parse(structure).kind == "n_of_m":
     s = structure_lib.parse(structure)
@@ -130,6 +133,11 @@ def test_every_update_keeps_the_structures_counts(shapes, case, sparsity, kind, 
                                                           jax.tree.leaves(first)))
   if method in ("set", "rigl", "pruning", "srigl") and movable:
     assert moved, "the masks never changed"
+
+
+# Every structure and method: 12 examples by default, 48 in the slow set.
+test_every_update_keeps_the_structures_counts = _examples(12)
+test_every_update_keeps_the_structures_counts_more_examples = pytest.mark.slow(_examples(48))
 
 
 def test_unstructured_is_the_default_bit_for_bit():
@@ -351,9 +359,9 @@ def test_only_kernels_are_sparse_equinox_conv_bias():
 # ----------------------------------------------------------------------------- trainer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
-    dict(method="srigl"),
-    pytest.param(dict(method="rigl", structure="2:4", sparsity=0.5), marks=pytest.mark.slow)],
+    dict(method="srigl"), dict(method="rigl", structure="2:4", sparsity=0.5)],
     ids=["srigl", "rigl-2:4"])
 def test_trainer_structure_resumes_bit_identical(tmp_path, overrides):
   """A structured run cut at step 20 and resumed ends bit-identical to an uninterrupted
