@@ -106,13 +106,6 @@ def drop_and_grow(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
   return flat.reshape(shape)
 
 
-def _layout_leaves(layouts, treedef) -> list:
-  """Per-leaf layouts in flatten order; None for each leaf when there are none."""
-  if layouts is None:
-    return [None] * treedef.num_leaves
-  return treedef.flatten_up_to(layouts)
-
-
 def _is_plain(layout) -> bool:
   return layout is None or layout.trivial
 
@@ -177,7 +170,7 @@ class DropAndGrow(Method):
     weights = treedef.flatten_up_to(ctx.params)
     score_leaves = treedef.flatten_up_to(scores)
     sparsities = treedef.flatten_up_to(ctx.sparsities)
-    layouts = _layout_leaves(ctx.layouts, treedef)
+    layouts = structure_lib.layout_leaves(ctx.layouts, treedef)
     new_masks = []
     for mask, weight, score, s, layout in zip(leaves, weights, score_leaves, sparsities, layouts):
       if s == 0.0:  # dense layers are never touched
@@ -247,7 +240,7 @@ class SRigL(RigL):
     weights = treedef.flatten_up_to(ctx.params)
     grads = treedef.flatten_up_to(ctx.grads)
     sparsities = treedef.flatten_up_to(ctx.sparsities)
-    layouts = _layout_leaves(ctx.layouts, treedef)
+    layouts = structure_lib.layout_leaves(ctx.layouts, treedef)
     paths = [masks_lib.path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(ctx.masks)[0]]
     new_masks = list(leaves)
     for i, (mask, layout, s) in enumerate(zip(leaves, layouts, sparsities)):
@@ -631,7 +624,7 @@ class MagnitudePruning(Method):
       n_drop = jnp.maximum(mask.sum(dtype=jnp.int32) - jnp.asarray(counts)[index], 0)
       return drop_smallest(mask, jnp.abs(weight), n_drop, _max_decrease(size, counts))
 
-    layouts = _layout_leaves(ctx.layouts, treedef)
+    layouts = structure_lib.layout_leaves(ctx.layouts, treedef)
     if self.scope == "layer":
       for i in ids:
         if not _is_plain(layouts[i]):

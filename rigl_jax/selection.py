@@ -128,14 +128,15 @@ def largest(scores: jax.Array, k: jax.Array, max_k: int) -> jax.Array:
 
 
 def _by_pairwise_rank(scores: jax.Array, k: jax.Array) -> jax.Array:
-  """`largest_rows` for short rows (N:M groups): each entry's rank is the number of
-  entries of its row that beat it (larger, or equal at a lower index)."""
+  """The ``k[a, b]`` largest of each short column ``scores[a, :, b]`` (N:M groups): an
+  entry's rank is the number of entries of its column that beat it (larger, or
+  equal at a lower index)."""
   key = sortable_bits(scores)
-  n = scores.shape[-1]
-  index = jnp.arange(n)
-  beats = (key[:, None, :] > key[:, :, None]) | (
-      (key[:, None, :] == key[:, :, None]) & (index[None, :] < index[:, None]))
-  return beats.sum(-1, dtype=jnp.int32) < k[:, None]
+  index = jnp.arange(scores.shape[1])
+  beats = (key[:, None, :, :] > key[:, :, None, :]) | (
+      (key[:, None, :, :] == key[:, :, None, :]) &
+      (index[None, None, :, None] < index[None, :, None, None]))
+  return beats.sum(2, dtype=jnp.int32) < k[:, None, :]
 
 
 def _by_bisection(scores: jax.Array, k: jax.Array) -> jax.Array:
@@ -158,7 +159,7 @@ def largest_rows(scores: jax.Array, k: jax.Array, max_k: int) -> jax.Array:
   if rows == 1:
     return largest(scores[0], k[0], max_k)[None]
   if n <= 16:
-    return _by_pairwise_rank(scores, k)
+    return _by_pairwise_rank(scores[:, :, None], k[:, None])[:, :, 0]
   if n >= RADIX_MIN_SIZE and rows <= 8:
     return jax.vmap(lambda s, kk: largest(s, kk, max_k))(scores, k)
   return jax.lax.platform_dependent(
@@ -183,13 +184,7 @@ def largest_along(scores: jax.Array, k: jax.Array, max_k: int) -> jax.Array:
   if b == 1:
     return largest_rows(scores[:, :, 0], k[:, 0], max_k)[:, :, None]
   if n <= 16:
-    key = sortable_bits(scores)
-    index = jnp.arange(n)
-    # beats[a, i, j, b]: entry j beats entry i (larger, or equal at a lower index)
-    beats = (key[:, None, :, :] > key[:, :, None, :]) | (
-        (key[:, None, :, :] == key[:, :, None, :]) &
-        (index[None, None, :, None] < index[None, :, None, None]))
-    return beats.sum(2, dtype=jnp.int32) < k[:, None, :]
+    return _by_pairwise_rank(scores, k)
 
   def on_cpu(s, kk):
     return _by_bisection_along(s, kk)

@@ -269,7 +269,10 @@ def _is_layout(x) -> bool:
   return isinstance(x, Layout)
 
 
-def layout_leaves(layout_tree: PyTree, treedef) -> list[Layout]:
+def layout_leaves(layout_tree: PyTree | None, treedef) -> list[Layout | None]:
+  """Per-leaf layouts in flatten order; None for each leaf when there are none."""
+  if layout_tree is None:
+    return [None] * treedef.num_leaves
   return treedef.flatten_up_to(layout_tree)
 
 
