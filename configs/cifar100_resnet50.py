@@ -46,4 +46,4 @@ def get_config():
 
 def sweep():
   """The report's Table 3 grid (rigl_jax.launch expands it; one workdir per entry)."""
-  return config_lib.report_table_grid(pruning=PRUNING)
+  return config_lib.report_table_grid(config_lib.TABLE3_ROWS, pruning=PRUNING)

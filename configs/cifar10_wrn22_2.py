@@ -48,4 +48,4 @@ def get_config():
 
 def sweep():
   """The report's Table 2 grid (rigl_jax.launch expands it; one workdir per entry)."""
-  return config_lib.report_table_grid(pruning=PRUNING)
+  return config_lib.report_table_grid(config_lib.TABLE2_ROWS, pruning=PRUNING)

@@ -628,22 +628,25 @@ def main(argv) -> None:
   """``python -m rigl_jax.export``: prints the report as one JSON object on stdout;
   a bad workdir prints ``error: ...`` on stderr and exits with code 2."""
   # pylint: disable=import-outside-toplevel
-  from absl import app, flags, logging
+  from absl import flags, logging
   from rigl_jax import checkpoint as checkpoint_lib
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from rigl_jax import cli
+  cli.no_arguments(argv)
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
   f = flags.FLAGS
+  cli.require(0.0 <= f.max_density <= 1.0, "--max_density",
+              f"must be in [0, 1], got {f.max_density}")
   try:
     report = export_and_verify(f.workdir, f.out, conv=f.conv, max_density=f.max_density)
   except (ExportError, checkpoint_lib.CheckpointRestoreError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
+  except OSError as e:  # an --out that cannot be written
+    cli.fail(f"--out: {e}")
   print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "Workdir of a finished `python -m rigl_jax.main` run.")
   flags.DEFINE_string("out", None, "Export directory (default: WORKDIR/export).")
   flags.DEFINE_enum("conv", "dense", ["dense", "sparse"],
@@ -652,4 +655,5 @@ if __name__ == "__main__":
   flags.DEFINE_float("max_density", DEFAULT_MAX_DENSITY,
                      "Sparse kernels denser than this run as dense products.")
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  from rigl_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

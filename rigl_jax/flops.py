@@ -464,31 +464,38 @@ def config_flops(c, steps_per_epoch: int | None = None) -> dict:
 def main(argv):
   """Prints the config's FLOPs as JSON; any bad input is one ``error:`` line, exit 2."""
   import json  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
 
+  from rigl_jax import cli  # pylint: disable=import-outside-toplevel
   from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax.masks import ArgumentError  # pylint: disable=import-outside-toplevel
-  if len(argv) > 1:
-    print(f"error: flags: unexpected argument(s) {' '.join(argv[1:])!r}", file=sys.stderr)
-    sys.exit(2)
+  cli.no_arguments(argv)
   try:
-    result = config_flops(_FLAGS.config)
+    config = _FLAGS.config
+    config.keys()  # ml_collections reports a config file that failed to load only now
+  except Exception as e:  # pylint: disable=broad-except
+    cli.fail(f"flags: --config: {_last_error_line(str(e))}")
+  try:
+    result = config_flops(config)
   except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   except ArgumentError as e:
-    print(f"error: config.{e.argument}: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f"config.{e.argument}: {e}")
   except (OSError, ValueError, KeyError) as e:  # an unreadable or damaged source run
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f"{type(e).__name__}: {e}")
   print(json.dumps(result, indent=2))
 
 
+def _last_error_line(text: str) -> str:
+  """The last non-empty line of an error text (ml_collections nests the cause)."""
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  return lines[-1] if lines else text
+
+
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "A config file from configs/.")
   flags.mark_flags_as_required(["config"])
   _FLAGS = flags.FLAGS
-  app.run(main)
+  from rigl_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

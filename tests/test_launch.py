@@ -91,13 +91,17 @@ def test_product_grid_names_and_dense_collapse():
 
 def test_config_sweep_expansion_and_seeds(tmp_path):
   table2 = sweep.expand(CIFAR10)
-  # 3 seeds x (4 sparsities x (static/set/rigl x 2 distributions + snfs, pruning,
-  # small_dense) + dense).
-  assert len(table2) == 3 * (4 * 9 + 1)
+  # 3 seeds x (4 sparsities x the 15 sparse rows of Table 2 + dense).
+  assert len(table2) == 3 * (4 * 15 + 1)
   one_seed = sweep.expand(CIFAR10, seeds=["0"])
-  assert len(one_seed) == 37 and {r["seed"] for r in one_seed} == {0}
+  assert len(one_seed) == 61 and {r["seed"] for r in one_seed} == {0}
   five = sweep.expand(CIFAR10, seeds=["0", "1", "2", "3", "4"])
-  assert len(five) == 5 * 37
+  assert len(five) == 5 * 61
+  # A lottery run's source follows its seed.
+  for run in five:
+    if run["method"] == "lottery":
+      assert run["source_workdir"]["seed"] == run["seed"]
+      assert run["source_workdir"]["sparsity"] == run["sparsity"]
   runs, common, _ = sweep.plan(QUICKSTART, str(tmp_path), common_assignments=["num_epochs=3"])
   assert [r.name for r in runs] == ["default"] and common == {"num_epochs": 3}
   lr = sweep.expand(CIFAR10, which="lr")
@@ -110,7 +114,162 @@ def test_config_sweep_expansion_and_seeds(tmp_path):
     sweep.plan(QUICKSTART, str(tmp_path), common_assignments=["sparsity=abc"])
 
 
+# The rows of the report's Tables 2 and 3 as printed (shared/reference, the report's
+# section 5): label and train FLOPs at 90% sparsity. A label's first row is trained 1x;
+# a later row of the same label with k times its train FLOPs is trained k x.
+REPORT_TABLE2 = (("Small Dense", 0.11), ("Static", 0.10), ("SET", 0.10), ("RigL", 0.10),
+                 ("SET (ERK)", 0.17), ("RigL (ERK)", 0.17), ("Static", 0.20),
+                 ("Lottery", 0.45), ("SET", 0.20), ("SNFS", 0.51), ("SNFS (ERK)", 0.52),
+                 ("SNFS", 1.02), ("RigL", 0.20), ("Pruning", 0.32), ("RigL (ERK)", 0.34),
+                 ("Dense Baseline", 1.0))
+REPORT_TABLE3 = (("Static", 0.10), ("Small Dense", 0.11), ("SET", 0.10), ("RigL", 0.10),
+                 ("Static (ERK)", 0.22), ("SET (ERK)", 0.22), ("RigL (ERK)", 0.23),
+                 ("SNFS", 0.58), ("SNFS (ERK)", 0.59), ("Pruning", 0.36), ("RigL", 0.20),
+                 ("Lottery", 0.62), ("RigL", 0.30), ("RigL (ERK)", 0.46),
+                 ("Dense Baseline", 1.0))
+
+
+def _report_rows(table):
+  """{(label, training multiplier)} of a table."""
+  first, rows = {}, []
+  for label, flops in table:
+    first.setdefault(label, flops)
+    rows.append((label, round(flops / first[label])))
+  assert len(set(rows)) == len(rows)
+  return rows
+
+
+@pytest.mark.parametrize("config,table", [(CIFAR10, REPORT_TABLE2),
+                                          (os.path.join(REPO, "configs", "cifar100_resnet50.py"),
+                                           REPORT_TABLE3)])
+def test_the_grids_hold_every_row_of_the_report_tables(tmp_path, config, table):
+  """Every row of the table, at 90% and 80% for seeds 0-2, is one run of the config's
+  sweep, and the report files it under that row: the rows the report makes from the
+  grid are the table's rows, no more."""
+  sweep_dir = str(tmp_path / "sweep")
+  runs, common, base = sweep.plan(config, sweep_dir)
+  grid.write_manifest(sweep_dir, config_path=config, common=common, runs=runs,
+                      base_config=base)
+  for run in runs:  # a finished run per grid point: the report reads its fields
+    os.makedirs(run.workdir)
+    with open(os.path.join(run.workdir, "config.json"), "w") as f:
+      f.write(grid.apply_overrides(base, common, run.overrides).to_json_best_effort())
+    with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+      json.dump({"test_accuracy": 0.5}, f)
+  rows, columns = report.build_rows(report.collect(sweep_dir))
+  assert {0.8, 0.9} <= set(columns)
+  # The report's labels: "Pruning (global)" is the report's "Pruning", "Dense" its
+  # "Dense Baseline"; a k x row is "LABEL k x".
+  ours = []
+  for row in rows:
+    label = row.label.replace("Pruning (global)", "Pruning").replace("Dense", "Dense Baseline")
+    label = label.replace("Small Dense Baseline", "Small Dense")
+    multiplier = 1
+    if label.endswith("x") and label.rsplit(" ", 1)[-1][:-1].isdigit():
+      label, text = label.rsplit(" ", 1)
+      multiplier = int(text[:-1])
+    ours.append((label, multiplier))
+    for sparsity in ((0.0,) if label == "Dense Baseline" else (0.8, 0.9)):
+      assert sorted(int(r.fields["seed"]) for r in row.cells[sparsity].runs) == [0, 1, 2], \
+          (row.label, sparsity)
+  assert sorted(ours) == sorted(_report_rows(table))
+
+
+def test_lottery_runs_wait_for_their_pruning_runs_in_the_grid():
+  runs = grid.make_runs(grid.with_seeds(sweep.expand(CIFAR10), [4]), "/sweep")
+  by_name = {r.name: r for r in runs}
+  lottery = by_name["method=lottery,distribution=uniform,sparsity=0.9,seed=4"]
+  source = by_name[lottery.after[0]]
+  assert source.overrides["method"] == "pruning_global"
+  assert (source.overrides["sparsity"], source.overrides["seed"]) == (0.9, 4)
+  assert lottery.overrides["source_workdir"] == source.workdir
+  assert sum(bool(r.after) for r in runs) == 4  # one lottery run per sparsity
+  with pytest.raises(ValueError, match="needs run method=set,seed=0 first"):
+    grid.make_runs([{"method": "lottery", "seed": 0,
+                     "source_workdir": {"method": "set", "seed": 0}}], "/sweep")
+  with pytest.raises(ValueError, match="a source must not have a source of its own"):
+    grid.make_runs([{"method": "set", "seed": 0},
+                    {"method": "lottery", "seed": 1, "source_workdir": {"method": "set",
+                                                                        "seed": 0}},
+                    {"method": "lottery", "seed": 2, "source_workdir": {
+                        "method": "lottery", "seed": 1}}], "/sweep")
+
+
+def _lottery_pair(sweep_dir, seeds):
+  """A stand-in source and a lottery run waiting for it, per seed (the stub decides
+  by the seed in the name)."""
+  overrides = []
+  for seed in seeds:
+    overrides.append({"method": "lottery", "seed": seed,
+                      "source_workdir": {"method": "pruning", "seed": seed}})
+    overrides.append({"method": "pruning", "seed": seed})
+  return grid.make_runs(overrides, sweep_dir)
+
+
+@pytest.mark.slow
+def test_a_real_sweep_trains_the_lottery_ticket_of_its_pruning_run(tmp_path):
+  """The trainer itself: a pruning run and its lottery ticket from a config's sweep(),
+  two at a time; the lottery run waits, then reads the pruning run's masks."""
+  config = tmp_path / "lottery_config.py"
+  config.write_text(textwrap.dedent(f"""\
+      import importlib.util
+      from rigl_jax import config as config_lib
+      _spec = importlib.util.spec_from_file_location("quickstart", {QUICKSTART!r})
+      _quickstart = importlib.util.module_from_spec(_spec)
+      _spec.loader.exec_module(_quickstart)
+
+      def get_config():
+        c = _quickstart.get_config()
+        c.num_train_steps, c.update_every, c.log_every, c.eval_every = 40, 5, 10, 40
+        return c
+
+      def sweep():
+        return config_lib.report_table_grid(
+            (("lottery", None, 1.0), ("pruning", None, 1.0)), seeds=(0,), sparsities=(0.9,),
+            pruning=dict(config_lib.PRUNING_BASELINE, start_step=5, end_step=30))
+      """))
+  sweep_dir = str(tmp_path / "sweep")
+  proc = subprocess.run([sys.executable, "-m", "rigl_jax.launch.sweep", f"--config={config}",
+                         f"--sweep_dir={sweep_dir}", "--concurrency=2"], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  lines = proc.stdout.splitlines()
+  pruning_done = next(i for i, l in enumerate(lines) if l.startswith("finished") and "pruning" in l)
+  lottery_start = next(i for i, l in enumerate(lines) if l.startswith("start") and "lottery" in l)
+  assert pruning_done < lottery_start
+  lottery = json.load(open(os.path.join(
+      sweep_dir, "method=lottery,distribution=uniform,sparsity=0.9,seed=0", "summary.json")))
+  assert 0.0 < lottery["test_accuracy"] <= 1.0
+  # Its training FLOPs include the pruning run's (the report's Table 2).
+  pruning = json.load(open(os.path.join(sweep_dir, next(
+      n for n in os.listdir(sweep_dir) if n.startswith("method=pruning_global")), "summary.json")))
+  assert lottery["train_flops_multiplier"] > pruning["train_flops_multiplier"]
+
+
 # ----------------------------------------------------------------------------- local runner
+
+
+def test_run_local_starts_a_lottery_run_after_its_source_and_blocks_it_on_failure(
+    tmp_path, stub):
+  stub_py, _, log = stub
+  sweep_dir = str(tmp_path / "sweep")
+  runs = _lottery_pair(sweep_dir, (0, 13))
+  command = lambda run: [sys.executable, stub_py, f"--workdir={run.workdir}"]
+  states = local.run_local(runs, sweep_dir, command, concurrency=2, poll_s=0.05,
+                           env={"STUB_LOG": log}, log=lambda _: None)
+  names = {(r.overrides["method"], r.overrides["seed"]): r for r in runs}
+  assert states[names["lottery", 0].name] == "finished"
+  assert states[names["pruning", 13].name] == "failed"
+  assert states[names["lottery", 13].name] == "blocked"
+  started = read_log(log)
+  # The lottery run listed first started after its source; the blocked one never.
+  assert started.index(names["pruning", 0].workdir) < started.index(names["lottery", 0].workdir)
+  assert names["lottery", 13].workdir not in started
+  entry = local.read_status(sweep_dir)[names["lottery", 13].name]
+  assert entry["state"] == "blocked" and names["pruning", 13].name in entry["stderr_tail"]
+  result = {r.name: r for r in report.collect(sweep_dir)}[names["lottery", 13].name]
+  assert result.status == report.NOT_RUN and "did not finish" in result.detail
+
 
 
 def test_run_local_skips_finished_reruns_unfinished_records_failures(tmp_path, stub):
@@ -212,7 +371,8 @@ def test_slurm_script_content_and_one_task(tmp_path, stub):
   assert "--distributed" not in open(listing).read()  # one process per run
   assert os.path.isdir(os.path.join(sweep_dir, "slurm"))
   lines = open(listing).read().splitlines()
-  assert [l.split("\t")[:2] for l in lines] == [[r.name, r.workdir] for r in runs]
+  assert [l.split("\t")[:3] for l in lines] == [[str(i), r.name, r.workdir]
+                                                 for i, r in enumerate(runs)]
   assert "--config.num_epochs=5 --config.method=set --config.seed=1" in lines[1]
 
   tools = fake_tools(tmp_path, srun="""\
@@ -238,6 +398,54 @@ def test_slurm_script_content_and_one_task(tmp_path, stub):
   proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
   assert proc.returncode == 0 and "requeueing" in proc.stdout, proc.stdout + proc.stderr
   assert open(scontrol_log).read().split() == ["requeue", "78"]
+
+
+def test_slurm_submits_lottery_runs_after_their_sources_task_by_task(tmp_path, stub):
+  _, exe, log = stub
+  sweep_dir = str(tmp_path / "sweep")
+  runs = _lottery_pair(sweep_dir, (0, 1)) + grid.make_runs([{"method": "set", "seed": 2}],
+                                                           sweep_dir)
+  script, listing = emit.write_slurm(runs, sweep_dir, config_path=QUICKSTART, repo_dir=REPO,
+                                     python=exe, concurrency=2)
+  first = [l.split("\t")[:3] for l in open(listing).read().splitlines()]
+  # The runs that wait for none: tasks 0-2 (pruning 0, pruning 1, set).
+  assert [t for t, _, _ in first] == ["0", "1", "2"]
+  assert "method=lottery" not in open(listing).read()
+  after = os.path.join(sweep_dir, "slurm_runs_after1.tsv")
+  waiting = [l.split("\t") for l in open(after).read().splitlines()]
+  by_name = {r.name: r for r in runs}
+  for task, name, workdir, cmd in waiting:  # each lottery run has its source's task id
+    source = by_name[by_name[name].after[0]]
+    assert first[int(task)][1] == source.name and workdir == by_name[name].workdir
+    assert f"--config.source_workdir={source.workdir}" in cmd
+
+  sbatch_log = str(tmp_path / "sbatch.log")
+  tools = fake_tools(tmp_path, sbatch="""\
+      #!/bin/bash
+      echo "$@" >> "$SBATCH_LOG"
+      echo "$((1000 + $(wc -l < "$SBATCH_LOG")));cluster"
+      """)
+  env = dict(os.environ, PATH=f"{tools}:{os.environ['PATH']}", SBATCH_LOG=sbatch_log)
+  proc = subprocess.run(["bash", os.path.join(sweep_dir, "submit.sh")], capture_output=True,
+                        text=True, env=env, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  calls = open(sbatch_log).read().splitlines()
+  assert calls[0] == f"--parsable {script} {listing}"
+  assert calls[1] == (f"--parsable --dependency=aftercorr:1001 --kill-on-invalid-dep=yes "
+                      f"--array=0,1%2 {script} {after}")
+  # Task 1 of the second array runs the lottery run of seed 1.
+  tools_run = fake_tools(tmp_path, srun="""\
+      #!/bin/bash
+      while [[ "$1" == --* ]]; do shift; done
+      exec "$@"
+      """)
+  env = dict(os.environ, STUB_LOG=log, SLURM_ARRAY_TASK_ID="1", SLURM_JOB_ID="9",
+             PATH=f"{tools_run}:{os.environ['PATH']}")
+  proc = subprocess.run(["bash", script, after], capture_output=True, text=True, env=env,
+                        timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  lottery_1 = [r for r in runs if r.after and r.overrides["seed"] == 1][0]
+  assert read_log(log) == [lottery_1.workdir]
 
 
 def test_slurm_multinode_script_and_device_check(tmp_path):
@@ -346,17 +554,43 @@ def test_tpu_script_starts_detached_polls_and_resumes(tmp_path, stub, monkeypatc
   assert sorted(again) == sorted(r.workdir for r in runs[1:] for _ in range(2))
 
 
+def test_tpu_script_runs_sources_first_and_skips_runs_whose_source_failed(
+    tmp_path, stub, monkeypatch):
+  monkeypatch.chdir(REPO)
+  _, exe, log = stub
+  sweep_dir = str(tmp_path / "sweep")
+  runs = _lottery_pair(sweep_dir, (0, 13))
+  script = emit.write_tpu(runs, sweep_dir, config_path=QUICKSTART, repo_dir=REPO,
+                          python=exe, poll_s=1)
+  gcloud = fake_tools(tmp_path, gcloud=FAKE_GCLOUD)
+  env = dict(os.environ, GCLOUD=f"{gcloud}/gcloud", GCLOUD_LOG=str(tmp_path / "gcloud.log"),
+             STUB_LOG=log, PODS=str(tmp_path / "pods"), POLL_S="0.2")
+  proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=120)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  names = {(r.overrides["method"], r.overrides["seed"]): r for r in runs}
+  started = list(dict.fromkeys(read_log(log)))  # both workers log each start
+  assert started == [names["pruning", 0].workdir, names["pruning", 13].workdir,
+                     names["lottery", 0].workdir]
+  assert (f"{names['lottery', 13].name}: not started: run {names['pruning', 13].name} "
+          f"did not finish") in proc.stderr
+  assert open(os.path.join(sweep_dir, "tpu_failed.txt")).read().split() == [
+      names["pruning", 13].name, names["lottery", 13].name]
+
+
 # ----------------------------------------------------------------------------- hours
 
 
 def test_accelerator_hours(tmp_path):
   module = grid.load_config_module(CIFAR10)
   base = module.get_config()
-  configs = [grid.apply_overrides(base, r) for r in sweep.expand(CIFAR10)]
+  configs = [grid.apply_overrides(base, r.overrides)
+             for r in grid.make_runs(sweep.expand(CIFAR10), str(tmp_path), base)]
   steps_per_run = 250 * ((50_000 - 5_000) // 128)  # 87,750, as the report
   result = cost.estimate(configs, {"a100": 0.05, "v100": 0.1})
-  assert result["runs"] == 111 and result["steps"] == 111 * steps_per_run
-  assert math.isclose(result["hours"]["v100"], 111 * steps_per_run * 0.1 / 3600)
+  # Per seed and sparsity 10 rows trained 1x and 5 trained 2x; 3 dense runs.
+  one_x_runs = 3 * 4 * (10 + 5 * 2) + 3
+  assert result["runs"] == 183 and result["steps"] == one_x_runs * steps_per_run
+  assert math.isclose(result["hours"]["v100"], one_x_runs * steps_per_run * 0.1 / 3600)
   longer = [grid.apply_overrides(base, {"train_multiplier": m}) for m in (1.0, 2.0, 3.0)]
   assert cost.estimate(longer, {})["steps"] == 6 * steps_per_run
   assert "no seconds per step" in cost.format_estimate("x", cost.estimate(longer, {}))

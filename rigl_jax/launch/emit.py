@@ -5,10 +5,14 @@ the same trainer command, which resumes from the run's latest checkpoint; so
 submitting a script again finishes what a first submission left undone. Nothing is
 submitted here.
 
-SLURM (``sweep.slurm`` + ``slurm_runs.tsv``): one array task per run. Task ``i`` reads
-line ``i + 1`` of the list (``NAME<TAB>COMMAND``). ``--signal=B:TERM@120`` sends
-SIGTERM two minutes before the time limit; the command is ``exec``-ed, so the trainer
-itself gets it, saves a checkpoint and exits 0.
+SLURM (``submit.sh``, ``sweep.slurm``, ``slurm_runs*.tsv``): one array task per run;
+task ``i`` runs the line of its list that starts with ``i`` (``TASK<TAB>NAME<TAB>
+WORKDIR<TAB>COMMAND``). ``submit.sh`` submits the runs that wait for none as one
+array, then the runs that wait for one of them (a lottery ticket for its pruning run)
+as a second array whose task ``i`` has its source's task id and starts after task
+``i`` of the first array has finished with exit 0 (``--dependency=aftercorr``).
+``--signal=TERM@120`` sends SIGTERM two minutes before the time limit to the trainer,
+which saves a checkpoint and exits 0; the task then requeues itself.
 
 TPU pod (``sweep_tpu.sh``): every run executes on all workers of the pod at once
 (``gcloud compute tpus tpu-vm ssh --worker=all``, one process per host,
@@ -27,7 +31,7 @@ from rigl_jax import paths
 from rigl_jax.launch import grid
 from rigl_jax.launch import local
 
-SLURM_SCRIPT, SLURM_LIST = "sweep.slurm", "slurm_runs.tsv"
+SLURM_SCRIPT, SLURM_LIST, SLURM_SUBMIT = "sweep.slurm", "slurm_runs.tsv", "submit.sh"
 TPU_SCRIPT, TPU_SETUP_SCRIPT = "sweep_tpu.sh", "tpu_setup.sh"
 
 
@@ -68,13 +72,7 @@ def check_runs_fit(runs: Sequence[grid.Run], base_config, common: dict | None,
   """Validates every run's config for ``devices`` devices now, on the submitting
   machine, instead of on the cluster: a batch that does not divide over the devices
   fails here, naming the run and the field."""
-  from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  for run in runs:
-    c = grid.apply_overrides(base_config, common or {}, run.overrides)
-    try:
-      config_lib.validate(c, device_count=devices)
-    except config_lib.ConfigError as e:
-      raise ValueError(f"run {run.name} on {devices} devices: {e}") from None
+  grid.validate_runs(runs, base_config, common or {}, devices)
 
 
 def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
@@ -115,14 +113,19 @@ def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
   processes = nodes * tasks_per_node
   sweep_dir, script_dir = _dirs(sweep_dir, script_dir)
   os.makedirs(os.path.join(script_dir, "slurm"), exist_ok=True)
-  list_path = os.path.join(script_dir, SLURM_LIST)
-  with open(list_path, "w") as f:
-    for run in runs:
-      run = grid.Run(run.name, run.overrides, paths.join(sweep_dir, run.name))
-      cmd = local.trainer_command(config_path, run, common, python=python,
-                                  distributed=processes > 1)
-      f.write(f"{run.name}\t{run.workdir}\t{shlex.join(cmd)}\n")
-  array = f"0-{len(runs) - 1}" + (f"%{concurrency}" if concurrency else "")
+  waves = _slurm_waves(runs)
+  list_paths = []
+  for number, wave in enumerate(waves):
+    list_path = os.path.join(script_dir, SLURM_LIST if number == 0 else
+                             SLURM_LIST.replace(".tsv", f"_after{number}.tsv"))
+    with open(list_path, "w") as f:
+      for task, run in wave:
+        run = grid.relocate(run, sweep_dir)
+        cmd = local.trainer_command(config_path, run, common, python=python,
+                                    distributed=processes > 1)
+        f.write(f"{task}\t{run.name}\t{run.workdir}\t{shlex.join(cmd)}\n")
+    list_paths.append(list_path)
+  array = f"0-{len(waves[0]) - 1}" + (f"%{concurrency}" if concurrency else "")
   if gres is None:
     gres = f"gpu:{gpus_per_node}" if gpus_per_node else ""
   directives = [f"--job-name={job_name}", f"--array={array}",
@@ -142,17 +145,20 @@ def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
       "#!/bin/bash",
       f"# {len(runs)} runs of {config_path}, written by `python -m rigl_jax.launch.sweep --emit=slurm`.",
       f"# Each run: {nodes} node(s) x {tasks_per_node} process(es), one per GPU.",
-      f"# Submit: sbatch {shlex.quote(os.path.join(script_dir, SLURM_SCRIPT))}",
+      f"# Submit: bash {shlex.quote(os.path.join(script_dir, SLURM_SUBMIT))} (it sbatches this "
+      "script once per list of runs).",
       "# Finished runs (summary.json present) exit at once. A run stopped by the time limit",
       "# saves a checkpoint, and the task requeues itself; it resumes when it starts again.",
       *(f"#SBATCH {d}" for d in directives),
       "set -uo pipefail",
-      f"LIST={shlex.quote(list_path)}",
+      "# The list of runs: the first argument (submit.sh passes the lists of the runs that",
+      "# wait for others), by default the runs that wait for none.",
+      f"LIST=\"${{1:-{list_paths[0]}}}\"",
       f"PYTHON={shlex.quote(python)}",
       'TASK="${SLURM_ARRAY_TASK_ID:?SLURM_ARRAY_TASK_ID is not set}"',
-      'LINE=$(sed -n "$((TASK + 1))p" "$LIST")',
+      "LINE=$(awk -F'\\t' -v t=\"$TASK\" '$1 == t' \"$LIST\")",
       'if [[ -z "$LINE" ]]; then echo "no run $TASK in $LIST" >&2; exit 1; fi',
-      "IFS=$'\t' read -r NAME WORKDIR CMD <<< \"$LINE\"",
+      "IFS=$'\t' read -r _ NAME WORKDIR CMD <<< \"$LINE\"",
       f"cd {shlex.quote(repo_dir)} || exit 1",
       "set -e  # a failing setup line stops the task",
       *setup,
@@ -168,13 +174,72 @@ def write_slurm(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
       'if [[ $rc -eq 0 ]] && ! "$PYTHON" -m rigl_jax.launch.finished "$WORKDIR"; then',
       '  echo "run $NAME stopped before its end (time limit or preemption): requeueing"',
       '  scontrol requeue "$SLURM_JOB_ID" || {',
-      f'    echo "requeue failed: submit {shlex.quote(os.path.join(script_dir, SLURM_SCRIPT))} '
+      f'    echo "requeue failed: run {shlex.quote(os.path.join(script_dir, SLURM_SUBMIT))} '
       'again (finished runs are skipped)" >&2; exit 1; }',
       "fi",
       'exit "$rc"',
       "",
   ]
-  return _write_script(os.path.join(script_dir, SLURM_SCRIPT), "\n".join(lines)), list_path
+  script = _write_script(os.path.join(script_dir, SLURM_SCRIPT), "\n".join(lines))
+  _write_slurm_submit(script_dir, script, waves, list_paths, concurrency)
+  return script, list_paths[0]
+
+
+def _slurm_waves(runs: Sequence[grid.Run]) -> list[list[tuple[int, grid.Run]]]:
+  """(array task id, run) per submission. The runs without a source are the first
+  array, tasks 0..N-1; a run with a source gets its source's task id in a later array
+  that waits task by task (``--dependency=aftercorr``); a second run of one source
+  goes to the next such array."""
+  first = [r for r in runs if not r.after]
+  task_of = {r.name: i for i, r in enumerate(first)}
+  waves = [list(enumerate(first))]
+  for run in runs:
+    if not run.after:
+      continue
+    if run.after[0] not in task_of:
+      raise ValueError(f"run {run.name} needs run {run.after[0]}, which is not among the "
+                       f"runs of the script")
+    task = task_of[run.after[0]]
+    for wave in waves[1:]:
+      if all(t != task for t, _ in wave):
+        wave.append((task, run))
+        break
+    else:
+      waves.append([(task, run)])
+  if not waves[0]:
+    raise ValueError("every run waits for another run: none can start")
+  return waves
+
+
+def _write_slurm_submit(script_dir: str, script: str, waves, list_paths,
+                        concurrency: int | None) -> str:
+  """``submit.sh``: sbatch the first array, then each array of waiting runs with
+  ``--dependency=aftercorr`` on it (task i starts once task i of the first array has
+  ended with exit 0; ``--kill-on-invalid-dep=yes`` cancels it when that task failed)."""
+  limit = f"%{concurrency}" if concurrency else ""
+  lines = [
+      "#!/bin/bash",
+      "# Submits the sweep: the runs that wait for none, then the runs that wait for one",
+      "# of them (a lottery ticket for its pruning run), written by `python -m",
+      "# rigl_jax.launch.sweep --emit=slurm`. Submit it again after an interruption:",
+      "# finished runs end at once.",
+      "set -euo pipefail",
+      'SBATCH="${SBATCH:-sbatch}"',
+      f'FIRST=$("$SBATCH" --parsable {shlex.quote(script)} {shlex.quote(list_paths[0])})',
+      'FIRST="${FIRST%%;*}"  # --parsable prints JOBID or JOBID;CLUSTER',
+      f'echo "submitted job $FIRST: {len(waves[0])} runs"',
+  ]
+  for wave, list_path in zip(waves[1:], list_paths[1:]):
+    tasks = ",".join(str(t) for t, _ in sorted(wave, key=lambda tr: tr[0]))
+    lines += [
+        f'JOB=$("$SBATCH" --parsable --dependency=aftercorr:"$FIRST" '
+        f'--kill-on-invalid-dep=yes --array={tasks}{limit} {shlex.quote(script)} '
+        f'{shlex.quote(list_path)})',
+        f'echo "submitted job ${{JOB%%;*}}: {len(wave)} runs, each after the task of its '
+        f'source in job $FIRST"',
+    ]
+  lines.append("")
+  return _write_script(os.path.join(script_dir, SLURM_SUBMIT), "\n".join(lines))
 
 
 def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
@@ -199,7 +264,9 @@ def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
   by the workers' shell (``~`` works); ``python`` is the Python 3.11 environment that
   :func:`write_tpu_setup` makes. ``config_path`` is made relative to the current
   directory when it lies inside it (the repository is at another place on the
-  workers). Failed runs are listed in ``SWEEP_DIR/tpu_failed.txt``; the script goes
+  workers). A run with a source (a lottery ticket) comes after the runs without one
+  and is not started when its source did not finish. Failed runs are listed in
+  ``SWEEP_DIR/tpu_failed.txt``; the script goes
   on and exits 1 at the end.
   """
   if not runs:
@@ -224,18 +291,23 @@ def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
       f'POLL_S="${{POLL_S:-{poll_s}}}"',
       f"FAILED_LOG={shlex.quote(os.path.join(script_dir, 'tpu_failed.txt'))}",
       "failed=0",
+      'NOT_DONE=" "  # runs that did not finish: the runs that need them do not start',
       "",
       "on_all_workers() {  # REMOTE_COMMAND",
       '  "$GCLOUD" compute tpus tpu-vm ssh "$TPU_NAME" ${ZONE:+--zone="$ZONE"} \\',
       '      ${PROJECT:+--project="$PROJECT"} --worker=all --command="$1"',
       "}",
       "",
-      "run() {  # NAME START_COMMAND POLL_COMMAND",
+      "run() {  # NAME START_COMMAND POLL_COMMAND [SOURCE_RUN]",
       '  echo "=== $1"',
+      '  if [[ -n "${4:-}" && "$NOT_DONE" == *" $4 "* ]]; then',
+      '    echo "$1: not started: run $4 did not finish" >&2',
+      '    echo "$1" >> "$FAILED_LOG"; failed=$((failed + 1)); NOT_DONE+="$1 "; return',
+      "  fi",
       "  local out",
       '  if ! out=$(on_all_workers "$2"); then',
       '    echo "$out"; echo "$1: could not start it on every worker" >&2',
-      '    echo "$1" >> "$FAILED_LOG"; failed=$((failed + 1)); return',
+      '    echo "$1" >> "$FAILED_LOG"; failed=$((failed + 1)); NOT_DONE+="$1 "; return',
       "  fi",
       '  echo "$out"',
       '  grep -qE "^rigl_jax: (started|running)" <<< "$out" || return 0  # finished before',
@@ -252,15 +324,16 @@ def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
       '  if grep -q "^rigl_jax: finished" <<< "$out"; then',
       "    return 0",
       '  elif grep "^rigl_jax: exit" <<< "$out" | grep -qv "^rigl_jax: exit 0 "; then',
-      '    echo "$1" >> "$FAILED_LOG"; failed=$((failed + 1))',
+      '    echo "$1" >> "$FAILED_LOG"; failed=$((failed + 1)); NOT_DONE+="$1 "',
       "  else",
       '    echo "$1: stopped before its end (preempted?); run this script again to resume"',
+      '    NOT_DONE+="$1 "',
       "  fi",
       "}",
       "",
   ]
   prefix = " && ".join([f"cd {repo_dir}", *setup])
-  for run in runs:
+  for run in grid.in_dependency_order(runs):  # a lottery ticket after its pruning run
     cmd = shlex.join(local.trainer_command(config_rel, run, common, python="PYTHON",
                                            distributed=True)[1:])
     logs = f"{log_dir}/{shlex.quote(sweep_name)}/{shlex.quote(run.name)}"
@@ -283,7 +356,8 @@ def write_tpu(runs: Sequence[grid.Run], sweep_dir: str, *, config_path: str,
             f"echo \"rigl_jax: exit $(cat \"$L/exit_code.$H\") on $H\"; "
             f"else echo \"rigl_jax: exit lost on $H\"; fi; "
             f"if {finished}; then echo \"rigl_jax: finished on $H\"; fi")
-    lines.append(f"run {shlex.quote(run.name)} {shlex.quote(start)} {shlex.quote(poll)}")
+    lines.append(f"run {shlex.quote(run.name)} {shlex.quote(start)} {shlex.quote(poll)}" +
+                 "".join(f" {shlex.quote(a)}" for a in run.after))
   lines += ["", 'echo "$failed failed run(s)"', "exit $((failed > 0))", ""]
   return _write_script(os.path.join(script_dir, TPU_SCRIPT), "\n".join(lines))
 

@@ -40,6 +40,7 @@ class Run:
   name: str                  # the workdir's base name, from the overrides
   overrides: dict            # {config field: value}, this run only
   workdir: str               # SWEEP_DIR/name
+  after: tuple = ()          # names of runs of the sweep that must finish first
 
 
 # ----------------------------------------------------------------------------- configs
@@ -49,10 +50,15 @@ def load_config_module(path: str):
   """Imports a ``configs/*.py`` file by path (it must define ``get_config()``)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} does not exist")
+  if not path.endswith(".py"):
+    raise ValueError(f"config file {path!r} is not a Python file (configs/NAME.py)")
   name = "launch_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except  # a config file that fails to load
+    raise ValueError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} has no get_config()")
   return module
@@ -105,9 +111,12 @@ def parse_assignments(assignments: Iterable[str],
   out = {}
   for item in assignments or ():
     if "=" not in item:
-      raise ValueError(f"expected KEY=VALUE, got {item!r}")
+      raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
     key, text = item.split("=", 1)
-    out[key.strip()] = coerce(key.strip(), text, base)
+    try:
+      out[key.strip()] = coerce(key.strip(), text, base)
+    except (ValueError, SyntaxError) as e:
+      raise ValueError(f"--set: {item!r}: {e}") from None
   return out
 
 
@@ -210,11 +219,19 @@ def with_seeds(runs: Sequence[dict], seeds: Sequence[int]) -> list[dict]:
   settings, seen = [], set()
   for run in runs:
     setting = {k: v for k, v in run.items() if k != "seed"}
-    key = run_name(setting)
+    key = run_name({k: ({**v, "seed": None} if isinstance(v, dict) else v)
+                    for k, v in setting.items()})
     if key not in seen:
       seen.add(key)
       settings.append(setting)
-  return [dict(setting, seed=int(seed)) for seed in seeds for setting in settings]
+  out = []
+  for seed in seeds:
+    for setting in settings:
+      run = dict(setting, seed=int(seed))
+      if isinstance(run.get(SOURCE_FIELD), dict):  # the source run of the same seed
+        run[SOURCE_FIELD] = dict(run[SOURCE_FIELD], seed=int(seed))
+      out.append(run)
+  return out
 
 
 # The report's learning-rate grid (Section 5.3): lr x (alpha, dT), with each seed.
@@ -241,19 +258,60 @@ def config_sweep(module) -> list[dict]:
   return [{}]
 
 
+# A run's source (a lottery ticket's pruning run) given as that run's overrides (a dict)
+# instead of a path: the source is a run of the same sweep, and the run waits for it.
+SOURCE_FIELD = "source_workdir"
+
+
 def make_runs(overrides_list: Sequence[dict], sweep_dir: str,
               base: ml_collections.ConfigDict | None = None) -> list[Run]:
-  """Typed :class:`Run` objects with their workdirs; raises on duplicate names."""
-  runs, names = [], {}
+  """Typed :class:`Run` objects with their workdirs; raises on duplicate names.
+
+  ``source_workdir`` given as a dict is the overrides of another run of the list: it
+  becomes that run's workdir, the run waits for it (``Run.after``), and it stays out of
+  the run's name (a lottery run is named by its own settings,
+  ``method=lottery,distribution=uniform,sparsity=0.9,seed=0``)."""
+  runs, names, sources = [], {}, {}
   for overrides in overrides_list:
+    overrides = dict(overrides)
+    source = overrides.pop(SOURCE_FIELD, None) if isinstance(
+        overrides.get(SOURCE_FIELD), dict) else None
     overrides = normalize(overrides, base)
     name = run_name(overrides)
     if name in names:
       raise ValueError(f"two runs share the workdir name {name!r}: {names[name]} and "
                        f"{overrides}")
     names[name] = overrides
-    runs.append(Run(name=name, overrides=overrides, workdir=paths.join(sweep_dir, name)))
+    after = ()
+    if source is not None:
+      source_name = run_name(normalize(source, base))
+      overrides[SOURCE_FIELD] = paths.join(sweep_dir, source_name)
+      sources[name] = source_name
+      after = (source_name,)
+    runs.append(Run(name=name, overrides=overrides, workdir=paths.join(sweep_dir, name),
+                    after=after))
+  for name, source_name in sources.items():
+    if source_name not in names:
+      raise ValueError(f"run {name} needs run {source_name} first ({SOURCE_FIELD}), and "
+                       f"the grid has no such run")
+    if source_name in sources:
+      raise ValueError(f"run {name} needs run {source_name}, which needs "
+                       f"{sources[source_name]}: a source must not have a source of its own")
   return runs
+
+
+def relocate(run: Run, sweep_dir: str) -> Run:
+  """``run`` with its workdir, and the workdir of the source it waits for, in
+  ``sweep_dir`` (the scripts write absolute paths or URLs)."""
+  overrides = dict(run.overrides)
+  if run.after:
+    overrides[SOURCE_FIELD] = paths.join(sweep_dir, run.after[0])
+  return Run(run.name, overrides, paths.join(sweep_dir, run.name), run.after)
+
+
+def in_dependency_order(runs: Sequence[Run]) -> list[Run]:
+  """The runs without a source first, then the others, each group in its order."""
+  return [r for r in runs if not r.after] + [r for r in runs if r.after]
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -296,9 +354,30 @@ def read_manifest(sweep_dir: str) -> dict | None:
 
 def check_command_line(argv, config: str | None, sweep_dir: str | None) -> str:
   """The launch tools' shared checks; returns the config file's absolute path."""
-  from absl import app  # pylint: disable=import-outside-toplevel
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not config or not sweep_dir:
-    raise app.UsageError("--config and --sweep_dir are required")
+  from rigl_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.no_arguments(argv)
+  cli.require(bool(config), "--config", "required: a config file, configs/NAME.py")
+  cli.require(bool(sweep_dir), "--sweep_dir", "required: the folder of the sweep's runs")
   return os.path.abspath(config)
+
+
+def parse_list(flag: str, values, kind):
+  """A list flag's values as ``kind`` (int, float); a bad one raises naming the flag."""
+  try:
+    return [kind(v) for v in values] if values else values
+  except ValueError:
+    raise ValueError(f"--{flag}: expected a comma-separated list of {kind.__name__} "
+                     f"values, got {','.join(values)!r}") from None
+
+
+def validate_runs(runs: Sequence[Run], base: ml_collections.ConfigDict, common: dict,
+                  device_count: int = 1) -> None:
+  """Every run's config passes the trainer's checks, now rather than in N processes:
+  raises ValueError naming the run and the field."""
+  for run in runs:
+    c = apply_overrides(base, common, run.overrides)
+    try:
+      config_lib.validate(c, device_count=device_count)
+    except config_lib.ConfigError as e:
+      where = f" on {device_count} devices" if device_count > 1 else ""
+      raise ValueError(f"run {run.name}{where}: {e}") from None

@@ -6,6 +6,8 @@
 - ``SWEEP_DIR/status.json`` records every run's state (``finished``, ``failed``,
   ``diverged``, ``incomplete``, ``running``, ``interrupted``), exit code, attempts and the
   tail of its stderr. A failing run never stops the sweep.
+- A run with a source (``Run.after``: a lottery ticket's pruning run) starts once that
+  run has finished; when the source ends otherwise, the run is ``blocked``.
 - Each run's stdout and stderr go to ``WORKDIR/launch.out`` and ``WORKDIR/launch.err``.
 - SIGINT / SIGTERM to the sweep: no new runs start; running ones get SIGTERM (the
   trainer saves a checkpoint and exits) and are recorded as ``interrupted``.
@@ -33,6 +35,7 @@ STDOUT, STDERR = "launch.out", "launch.err"
 # States of status.json.
 FINISHED, FAILED, DIVERGED = "finished", "failed", "diverged"
 INCOMPLETE, RUNNING, INTERRUPTED = "incomplete", "running", "interrupted"
+BLOCKED = "blocked"  # not started: a run it needs (Run.after) ended without finishing
 
 
 def is_finished(workdir: str) -> bool:
@@ -181,6 +184,7 @@ def run_local(runs: Sequence[grid.Run], sweep_dir: str,
     raise ValueError(f"concurrency must be >= 1, got {concurrency}")
   status = StatusFile(os.path.join(sweep_dir, STATUS))
   states, pending = {}, []
+  names = {run.name for run in runs}
   for run in runs:
     if is_finished(run.workdir):
       states[run.name] = FINISHED
@@ -220,10 +224,37 @@ def run_local(runs: Sequence[grid.Run], sweep_dir: str,
     status.update(name, **fields)
     log(f"{state} (exit {returncode}) {name}")
 
+  def block(run: grid.Run, source: str):
+    states[run.name] = BLOCKED
+    status.update(run.name, state=BLOCKED, workdir=run.workdir, overrides=run.overrides,
+                  returncode=None, stderr_tail=f"not started: run {source} did not finish "
+                  f"({states.get(source, 'not run')})")
+    log(f"{BLOCKED} {run.name}: run {source} did not finish")
+
+  def start_ready():
+    """Starts pending runs whose sources have finished (grid order), blocks those whose
+    sources ended otherwise."""
+    for run in list(pending):
+      waiting = [a for a in run.after if states.get(a) != FINISHED]
+      # A source that has a state (not finished), or is no run of this list and has
+      # no summary, will not finish here.
+      ended = [a for a in waiting if a in states or (
+          a not in names and not is_finished(run.overrides[grid.SOURCE_FIELD]))]
+      waiting = [a for a in waiting if a in names]
+      if ended:
+        pending.remove(run)
+        block(run, ended[0])
+      elif not waiting and len(active) < concurrency and not stop.requested:
+        pending.remove(run)
+        start(run)
+
   with _StopRequests() as stop:
     while (pending or active) and not stop.requested:
-      while pending and len(active) < concurrency and not stop.requested:
-        start(pending.pop(0))
+      start_ready()
+      if pending and not active:  # what is left waits in a circle: none can start
+        for run in list(pending):
+          pending.remove(run)
+          block(run, run.after[0])
       for name, (_, proc, _, _) in list(active.items()):
         if proc.poll() is not None:
           finish(name, proc.returncode)

@@ -33,12 +33,11 @@ import math
 import os
 import re
 import statistics
-import sys
 from typing import Any, Sequence
 
-from absl import app, flags
+from absl import flags
 
-from rigl_jax import names
+from rigl_jax import cli, names
 from rigl_jax import paths as rigl_paths
 from rigl_jax.launch import grid, local
 
@@ -117,6 +116,8 @@ def _outcome(workdir: str, summary: dict | None, entry: dict) -> tuple[str, str]
     return state, f"exit {entry.get('returncode')}: {_last_line(entry.get('stderr_tail', ''))}"
   if any(r.get("event") == "nonfinite" for r in read_metrics(workdir)):
     return DIVERGED, "non-finite loss or gradient (metrics.jsonl)"
+  if state == local.BLOCKED:
+    return NOT_RUN, entry.get("stderr_tail", "") or "not started: its source did not finish"
   if state == local.RUNNING:
     return RUNNING, "running (status.json)"
   if rigl_paths.is_dir(workdir):
@@ -179,14 +180,17 @@ def row_fields(results: Sequence[RunResult]) -> list[str]:
   return keys
 
 
-# Fields naming another run's workdir (per seed): rows use that run's name without its seed.
+# Fields naming another run's workdir (of the same sparsity and seed): rows use that run's
+# name without them.
 _SOURCE_FIELDS = ("source_workdir", "distribution_source")
 
 
 def _row_value(key: str, value):
   if key in _SOURCE_FIELDS and isinstance(value, str) and value:
+    # A lottery run's source has the run's own sparsity and seed (the trainer demands
+    # it): the row is the source without them.
     name = os.path.basename(os.path.normpath(value))
-    return re.sub(r"(^|,)seed=\d+", "", name).strip(",") or "source"
+    return re.sub(r"(^|,)(seed|sparsity)=[^,]*", "", name).strip(",") or "source"
   return _hashable(value)
 
 
@@ -711,15 +715,15 @@ def define_flags():
 
 def main(argv):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.sweep_dir or not FLAGS.out:
-    raise app.UsageError("--sweep_dir and --out are required")
+  cli.no_arguments(argv)
+  cli.require(bool(FLAGS.sweep_dir), "--sweep_dir", "required: the folder of the sweep's runs")
+  cli.require(bool(FLAGS.out), "--out", "required: the folder for the tables and plots")
   try:
     report = build_report(FLAGS.sweep_dir, FLAGS.out, FLAGS.title)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
+  except OSError as e:
+    cli.fail(e)  # its text names the path
   results = report["results"]
   ok = sum(r.ok for r in results)
   print(f"{ok} of {len(results)} runs finished; wrote " + ", ".join(sorted(report["files"])) +
@@ -728,4 +732,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

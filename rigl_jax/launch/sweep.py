@@ -32,9 +32,9 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from rigl_jax import paths
+from rigl_jax import cli, paths
 from rigl_jax.launch import cost, emit, grid, local
 
 def define_flags():
@@ -110,32 +110,47 @@ def expand(config_path: str, *, seeds=None, methods=None, distributions=None,
 
 
 def plan(config_path: str, sweep_dir: str, *, common_assignments=(), **grid_args):
-  """(runs, common overrides, base config) of a sweep, every override validated."""
+  """(runs, common overrides, base config) of a sweep; every run's config passes the
+  trainer's checks (ValueError naming the run and the field)."""
   module = grid.load_config_module(config_path)
   base = module.get_config()
   common = grid.parse_assignments(common_assignments, base)
   runs = grid.make_runs(expand(config_path, **grid_args), sweep_dir, base)
-  for run in runs:  # fail here, not in N subprocesses
-    grid.apply_overrides(base, common, run.overrides)
+  grid.validate_runs(runs, base, common)  # fail here, not in N subprocesses
   return runs, common, base
+
+
+def _check_flags(FLAGS) -> None:  # pylint: disable=invalid-name
+  """The numeric flags' ranges, before any work."""
+  for name, low in (("concurrency", 1), ("slurm_nodes", 1), ("slurm_gpus_per_node", 0),
+                    ("slurm_cpus", 1)):
+    cli.require(FLAGS[name].value >= low, f"--{name}",
+                f"must be >= {low}, got {FLAGS[name].value}")
+  cli.require(FLAGS.steps_per_epoch is None or FLAGS.steps_per_epoch >= 1,
+              "--steps_per_epoch", f"must be >= 1, got {FLAGS.steps_per_epoch}")
 
 
 def main(argv):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   config_path = grid.check_command_line(argv, FLAGS.config, FLAGS.sweep_dir)
   sweep_dir = FLAGS.sweep_dir
+  _check_flags(FLAGS)
   try:
     runs, common, base = plan(
-        config_path, sweep_dir, common_assignments=FLAGS.set, seeds=FLAGS.seeds,
+        config_path, sweep_dir, common_assignments=FLAGS.set,
+        seeds=grid.parse_list("seeds", FLAGS.seeds, int),
         methods=FLAGS.methods, distributions=FLAGS.distributions,
-        sparsities=FLAGS.sparsities, train_multipliers=FLAGS.train_multipliers,
+        sparsities=grid.parse_list("sparsities", FLAGS.sparsities, float),
+        train_multipliers=grid.parse_list("train_multipliers", FLAGS.train_multipliers, float),
         which=FLAGS.grid)
   except (ValueError, TypeError, FileNotFoundError, SyntaxError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
 
   if FLAGS.estimate:
-    seconds = cost.parse_seconds_per_step(FLAGS.seconds_per_step)
+    try:
+      seconds = cost.parse_seconds_per_step(FLAGS.seconds_per_step)
+    except ValueError as e:
+      cli.fail(f"--seconds_per_step: {e}")
     measured = cost.measured_seconds_per_step(sweep_dir)
     if measured is not None:
       seconds["measured here"] = measured
@@ -164,10 +179,17 @@ def main(argv):
         raise ValueError(f"--script_dir: needed with a URL --sweep_dir ({sweep_dir}): a "
                          f"local folder for the scripts and their logs")
     except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    grid.write_manifest(sweep_dir, config_path=config_path, common=common, runs=runs,
-                        base_config=base)
+      cli.fail(e)
+    try:
+      grid.write_manifest(sweep_dir, config_path=config_path, common=common, runs=runs,
+                          base_config=base)
+    except OSError as e:
+      cli.fail(f"--sweep_dir: {sweep_dir}: {e}")
+    if FLAGS.script_dir:
+      try:
+        os.makedirs(FLAGS.script_dir, exist_ok=True)
+      except OSError as e:
+        cli.fail(f"--script_dir: {FLAGS.script_dir}: {e}")
   if FLAGS.emit == "slurm":
     script, listing = emit.write_slurm(
         runs, sweep_dir, config_path=config_path, common=common,
@@ -180,8 +202,10 @@ def main(argv):
         mem=FLAGS.slurm_mem, time_limit=FLAGS.slurm_time, setup=FLAGS.slurm_setup,
         script_dir=FLAGS.script_dir)
     done = sum(local.is_finished(r.workdir) for r in runs)
-    print(f"wrote {script} and {listing}: {len(runs)} tasks ({done} already finished)\n"
-          f"submit: sbatch {script}")
+    waiting = sum(bool(r.after) for r in runs)
+    submit = os.path.join(os.path.dirname(script), emit.SLURM_SUBMIT)
+    print(f"wrote {script}, {listing} and {submit}: {len(runs)} tasks ({done} already "
+          f"finished, {waiting} waiting for another run)\nsubmit: bash {submit}")
     return
   if FLAGS.emit == "tpu":
     script = emit.write_tpu(
@@ -198,20 +222,22 @@ def main(argv):
     return
 
   if paths.is_url(sweep_dir):
-    print(f"error: --sweep_dir: {sweep_dir} is a URL; a sweep on this machine keeps its "
-          f"runs in a local folder (URLs are for --emit=slurm or --emit=tpu)", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f"--sweep_dir: {sweep_dir} is a URL; a sweep on this machine keeps its "
+             f"runs in a local folder (URLs are for --emit=slurm or --emit=tpu)")
+  try:
+    os.makedirs(sweep_dir, exist_ok=True)
+  except OSError as e:
+    cli.fail(f"--sweep_dir: {sweep_dir}: {e}")
   try:
     states = local.run_sweep(runs, sweep_dir, config_path=config_path, common=common,
                              base_config=base, concurrency=FLAGS.concurrency,
                              python=FLAGS.python or sys.executable)
   except local.SweepInUse as e:
-    print(f"error: --sweep_dir: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f"--sweep_dir: {e}")
   if any(s in (local.FAILED, local.DIVERGED) for s in states.values()):
     sys.exit(1)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -36,8 +36,9 @@ import statistics
 import sys
 from typing import Callable, Sequence
 
-from absl import app, flags
+from absl import flags
 
+from rigl_jax import cli
 from rigl_jax.launch import grid, local
 
 ALPHA_RANGE = (0.1, 0.6)
@@ -289,13 +290,24 @@ def define_flags():
 def main(argv):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   config_path = grid.check_command_line(argv, FLAGS.config, FLAGS.sweep_dir)
+  for name, low in (("n_trials", 1), ("concurrency", 1)):
+    cli.require(FLAGS[name].value >= low, f"--{name}",
+                f"must be >= {low}, got {FLAGS[name].value}")
+  cli.require(0.0 < FLAGS.alpha_low <= FLAGS.alpha_high < 1.0, "--alpha_low",
+              f"and --alpha_high must satisfy 0 < alpha_low <= alpha_high < 1, got "
+              f"{FLAGS.alpha_low} and {FLAGS.alpha_high}")
   try:
     base = grid.load_config_module(config_path).get_config()
     fixed = grid.parse_assignments(FLAGS.set, base)
-    seeds = [int(s) for s in FLAGS.seeds]
+    seeds = grid.parse_list("seeds", FLAGS.seeds, int)
+    dt_values = grid.parse_list("dt_values", FLAGS.dt_values, int)
+    cli.require(bool(seeds), "--seeds", "needs at least one seed")
+    cli.require(bool(dt_values) and min(dt_values) >= 1, "--dt_values",
+                f"must be update intervals >= 1, got {FLAGS.dt_values}")
+    # Every run of the study has this config with its own (alpha, dT) or lr: check now.
+    grid.validate_runs(grid.make_runs([{}], FLAGS.sweep_dir, base), base, fixed)
   except (ValueError, TypeError, FileNotFoundError, SyntaxError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   sweep_dir = FLAGS.sweep_dir
 
   if FLAGS.estimate:  # n_trials x seeds runs (TPE) or the grid's runs, each a full training
@@ -304,8 +316,12 @@ def main(argv):
       configs = [grid.apply_overrides(base, fixed, o) for o in grid.lr_grid(seeds)]
     else:
       configs = [grid.apply_overrides(base, fixed)] * (FLAGS.n_trials * len(seeds))
+    try:
+      seconds = cost.parse_seconds_per_step(FLAGS.seconds_per_step)
+    except ValueError as e:
+      cli.fail(f"--seconds_per_step: {e}")
     print(cost.format_estimate(f"{FLAGS.mode} on {os.path.basename(config_path)}", cost.estimate(
-        configs, cost.parse_seconds_per_step(FLAGS.seconds_per_step))))
+        configs, seconds)))
     return
 
   if FLAGS.mode == "lr_grid":
@@ -313,8 +329,7 @@ def main(argv):
       states = run_lr_grid(config_path, sweep_dir, seeds=seeds, fixed=fixed,
                            concurrency=FLAGS.concurrency)
     except local.SweepInUse as e:
-      print(f"error: --sweep_dir: {e}", file=sys.stderr)
-      sys.exit(2)
+      cli.fail(f"--sweep_dir: {e}")
     if any(s in (local.FAILED, local.DIVERGED) for s in states.values()):
       sys.exit(1)
     return
@@ -326,7 +341,7 @@ def main(argv):
     study = run_tpe(config, study_dir, seeds=seeds, n_trials=FLAGS.n_trials,
                     study_name=study_name, sampler_seed=FLAGS.sampler_seed,
                     alpha_range=(FLAGS.alpha_low, FLAGS.alpha_high),
-                    dt_values=[int(v) for v in FLAGS.dt_values])
+                    dt_values=dt_values)
   except KeyboardInterrupt as e:
     print(f"interrupted ({e}); run the same command to resume the study", file=sys.stderr)
     sys.exit(130)
@@ -339,4 +354,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)
