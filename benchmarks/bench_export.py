@@ -19,6 +19,28 @@ ERK) into ``--root/<model>_<sparsity>`` with `rigl_jax.train.train_and_evaluate`
 * for LeNet-5 both conv modes: ``conv=dense`` (dense conv on the rebuilt
   kernel, sparse fully connected layers) and ``conv=sparse`` (im2col + COO).
 
+``--layers`` measures single layers instead (issue 18's targets), the dense
+product as the trainer's eval step runs it (``x @ W`` on the masked kernel)
+against a sparse form of the same weights (`rigl_jax.sparse_linear`), at 90%:
+
+* batch 1, constant fan-in (condensed form): 768x3072, 3072x768 (target >= 1.5x),
+  4096x4096 (>= 2.5x);
+* batch 256, RxC blocks, R = C in 32, 64, 128 (the best is the figure; 16 lost to
+  dense in a trial run):
+  3072x768 and 4096x4096 (>= 1.5x);
+* unstructured (RigL's random-looking masks) at batch 1 and 256: the form
+  `sparse_linear.fastest` picks (dense when no sparse form wins), which must
+  never be slower than dense.
+
+Each product runs ``T`` times in sequence inside one jitted ``lax.scan`` (as a
+generation loop runs it: no dispatch per product), dense and sparse scans
+interleaved; the figure is the ratio of the medians (> 1: sparse faster). Next
+to it, the memory-traffic limit: the bytes the dense product reads (the kernel)
+over the bytes the sparse one reads (values, indices, padding), the speedup a
+product bound by memory traffic could reach; at batch 256 the products are
+bound by arithmetic instead, and the limit given is the dense multiply-adds
+over the sparse ones (padding included).
+
 Absolute times on a shared machine are noise; compare the ratios, which come
 from the same interleaved loop.
 """
@@ -37,9 +59,10 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from rigl_jax import checkpoint, export, train
+from rigl_jax import checkpoint, export, sparse_linear, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("lenet_300_100", "lenet5")
@@ -175,8 +198,131 @@ def print_table(rows: list[dict]) -> None:
           f"{', '.join(r['sparse_layers'])} |")
 
 
+# ----------------------------------------------------------------------------- layers
+
+# (fan_in, fan_out, batch, kind, target): issue 18's layer targets at 90% sparsity.
+LAYER_CASES = (
+    (768, 3072, 1, "constant_fan_in", 1.5), (3072, 768, 1, "constant_fan_in", 1.5),
+    (4096, 4096, 1, "constant_fan_in", 2.5),
+    (3072, 768, 256, "blocks", 1.5), (4096, 4096, 256, "blocks", 1.5),
+    (768, 3072, 1, "unstructured", 1.0), (3072, 768, 1, "unstructured", 1.0),
+    (4096, 4096, 1, "unstructured", 1.0), (3072, 768, 256, "unstructured", 1.0),
+    (4096, 4096, 256, "unstructured", 1.0))
+BLOCK_SIZES = (32, 64, 128)
+
+
+def layer_masks(fan_in: int, fan_out: int, kind: str, sparsity: float, rng, block=None):
+  """A mask of ``kind`` at ``sparsity``: constant fan-in (each output keeps
+  ``round((1 - s) * fan_in)`` inputs), blocks (each column of blocks keeps the same
+  number of random blocks), or unstructured (each weight on with probability 1 - s)."""
+  if kind == "constant_fan_in":
+    k = round((1 - sparsity) * fan_in)
+    mask = np.zeros((fan_in, fan_out), bool)
+    for o in range(fan_out):
+      mask[rng.choice(fan_in, k, replace=False), o] = True
+    return mask
+  if kind == "blocks":
+    n_rows, n_cols = fan_in // block, fan_out // block
+    k = max(1, round((1 - sparsity) * n_rows))
+    on = np.zeros((n_rows, n_cols), bool)
+    for c in range(n_cols):
+      on[rng.choice(n_rows, k, replace=False), c] = True
+    return np.kron(on, np.ones((block, block), bool))
+  return rng.random((fan_in, fan_out)) >= sparsity
+
+
+def scan_seconds(products: dict, xs, repeats: int = 7) -> dict[str, float]:
+  """Median seconds per product of each ``(fn, weights)`` in ``products``, run as
+  ``fn(x, weights)`` over ``xs`` ``[T, batch, fan_in]`` in one jitted scan (each
+  step's input depends on the last output, so the products run one after another;
+  the weights are arguments, not constants), the scans interleaved."""
+  def scanned(fn):
+    def run(weights, xs):
+      def step(carry, x):
+        y = fn(x + carry, weights)
+        return jnp.tanh(jnp.sum(y)) * 1e-30, y
+      return jax.lax.scan(step, jnp.zeros((), xs.dtype), xs)[1]
+    return jax.jit(run)
+  runs = {name: (scanned(fn), weights) for name, (fn, weights) in products.items()}
+  for run, weights in runs.values():
+    jax.block_until_ready(run(weights, xs))
+  samples = {name: [] for name in runs}
+  names = list(runs)
+  for r in range(repeats):
+    for name in names if r % 2 == 0 else names[::-1]:
+      run, weights = runs[name]
+      start = time.perf_counter()
+      jax.block_until_ready(run(weights, xs))
+      samples[name].append((time.perf_counter() - start) / xs.shape[0])
+  return {name: statistics.median(t) for name, t in samples.items()}
+
+
+def traffic_limit(form, fan_in: int, fan_out: int, batch: int) -> float:
+  """Dense over sparse: bytes of the kernel read (batch 1) or multiply-adds (batch
+  256), padding included."""
+  if batch == 1:
+    sparse = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(form))
+    return 4 * fan_in * fan_out / sparse
+  if isinstance(form, sparse_linear.Blocks):
+    return fan_in * fan_out / form.values.size
+  return fan_in * fan_out / form.values.size
+
+
+def bench_layers(sparsity: float = 0.9, seed: int = 0) -> list[dict]:
+  """One row per `LAYER_CASES` entry (see the module doc)."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for fan_in, fan_out, batch, kind, target in LAYER_CASES:
+    steps = 64 if batch == 1 else 3
+    xs = jnp.asarray(rng.standard_normal((steps, batch, fan_in)), jnp.float32)
+    kernel = rng.standard_normal((fan_in, fan_out)).astype(np.float32)
+    candidates = []
+    for block in (BLOCK_SIZES if kind == "blocks" else (None,)):
+      mask = layer_masks(fan_in, fan_out, kind, sparsity, rng, block)
+      dense = jnp.asarray(np.where(mask, kernel, 0))
+      if kind == "blocks":
+        form = sparse_linear.blockify(kernel, mask, (block, block))
+      elif kind == "constant_fan_in":
+        form = sparse_linear.condense(kernel, mask)
+      else:  # the planner's pick between the padded condensed form and dense
+        condensed = sparse_linear.condense(kernel, mask)
+        choice, _ = sparse_linear.fastest({"dense": dense, "condensed": condensed}, batch)
+        form = condensed if choice == "condensed" else dense
+      fn = sparse_linear.product(form)
+      err = float(jnp.max(jnp.abs(fn(xs[0], form) - xs[0] @ dense)))
+      seconds = scan_seconds({"dense": (sparse_linear.dense_matmul, dense),
+                              "sparse": (fn, form)}, xs)
+      candidates.append(dict(
+          layer=f"{fan_in}x{fan_out}", batch=batch, kind=kind,
+          form=type(form).__name__ if not isinstance(form, jax.Array) else "dense",
+          block=block, dense_us=1e6 * seconds["dense"], sparse_us=1e6 * seconds["sparse"],
+          speedup=seconds["dense"] / seconds["sparse"],
+          limit=(1.0 if isinstance(form, jax.Array) else
+                 traffic_limit(form, fan_in, fan_out, batch)),
+          target=target, max_abs_diff=err))
+      print(json.dumps(candidates[-1]), file=sys.stderr, flush=True)
+    best = max(candidates, key=lambda r: r["speedup"])
+    # A layer left dense runs the dense product itself: never slower, by construction.
+    best["met"] = best["form"] == "dense" or best["speedup"] >= target
+    rows.append(best)
+  return rows
+
+
+def print_layer_table(rows: list[dict]) -> None:
+  print("| layer | batch | mask | form | dense us | sparse us | speedup | limit | target |")
+  print("|" + "---|" * 9)
+  for r in rows:
+    form = r["form"] + (f" {r['block']}x{r['block']}" if r["block"] else "")
+    print(f"| {r['layer']} | {r['batch']} | {r['kind']} | {form} | {r['dense_us']:.1f} | "
+          f"{r['sparse_us']:.1f} | {r['speedup']:.2f} | {r['limit']:.1f} | "
+          f">= {r['target']}: {'met' if r['met'] else 'MISSED'}"
+          f"{' (kept dense: the same product)' if r['form'] == 'dense' else ''} |")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--layers", action="store_true",
+                      help="single-layer products against issue 18's targets only")
   parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
   parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9])
   parser.add_argument("--steps", type=int, default=None,
@@ -186,6 +332,18 @@ def main():
   parser.add_argument("--repeats", type=int, default=300, help="timed calls at batch 1")
   parser.add_argument("--out", default=None, help="also write the rows as JSON here")
   args = parser.parse_args()
+
+  if args.layers:
+    rows = bench_layers()
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"jax {jax.__version__} ({jax.devices()[0].platform}); 90% sparse, medians of "
+          f"interleaved scans, speedup = dense / sparse time, limit = dense / sparse "
+          f"bytes read (batch 1) or multiply-adds (batch 256)\n")
+    print_layer_table(rows)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(rows, f, indent=2)
+    return
 
   rows = []
   for model in args.models:
