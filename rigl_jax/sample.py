@@ -65,10 +65,12 @@ def _mask_form(kernel: np.ndarray, mask: np.ndarray | None):
 
 
 def layer_products(params: dict, masks, inference: str,
-                   pick: Callable = sparse_linear.fastest) -> tuple[dict, dict]:
+                   pick: Callable | None = None) -> tuple[dict, dict]:
   """``({layer: (product fn, weights)}, {layer: form name})`` for the GRU's matrices:
   dense masked kernels, or (``sparse``) each mask's sparse form where ``pick``
-  (timing both at batch 1) finds it faster than the dense product."""
+  (default `sparse_linear.fastest`, timing both at batch 1) finds it faster than
+  the dense product."""
+  pick = pick or sparse_linear.fastest
   masked = _masked(params, masks)
   names = ["gru_input", "gru_recurrent"] + sorted(k for k in params if k.startswith("readout_"))
   products, chosen = {}, {}

@@ -1,0 +1,92 @@
+"""rigl_jax.sample: the one-byte step computes the model's own logits, sparse and dense
+inference print the same text, and bad input is one error line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rigl_jax import config as config_lib
+from rigl_jax import export, sample, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def gru_run(tmp_path_factory):
+  """A char_gru_small trained 30 steps, 90% constant fan-in (the masks matter, not
+  the text's quality)."""
+  c = config_lib.base_config()
+  c.update(model="char_gru_small", dataset="pystdlib", sequence_length=16, batch_size=16,
+           eval_batch_size=512, num_train_steps=30, optimizer="adam", learning_rate=3e-3,
+           weight_decay=0.0, lr_drop_steps=(), sparsity=0.9, structure="constant_fan_in",
+           dense_layers=("embed",), update_every=10, log_every=10, checkpoint_every=30,
+           validation_size=0)
+  workdir = str(tmp_path_factory.mktemp("gru") / "run")
+  train.train_and_evaluate(c, workdir)
+  return workdir
+
+
+def always_sparse(forms, batch):
+  del batch
+  return "sparse", {}
+
+
+def test_the_step_computes_the_models_logits_in_both_forms(gru_run):
+  run = export.load_run(gru_run)
+  params = run.variables["params"]
+  masked = jax.tree.map(lambda p, m: np.where(m, p, 0), params, run.masks)
+  prompt = np.frombuffer(b"def f(x):\n  return", np.uint8).astype(np.int32)
+  reference = np.asarray(run.model.apply({"params": masked}, prompt[None]))[0]
+  readout = sum(1 for k in params if k.startswith("readout_"))
+  for inference, pick in (("dense", sample.sparse_linear.fastest), ("sparse", always_sparse)):
+    products, chosen = sample.layer_products(params, run.masks, inference, pick=pick)
+    if inference == "sparse":  # every sparse matrix in its condensed form
+      assert set(chosen.values()) == {"Condensed"}, chosen
+    cell, logits_of = sample.make_cell(products, readout)
+    w = sample.step_weights(masked, products)
+    h = jnp.zeros((params["gru_recurrent"]["kernel"].shape[0],))
+    logits = []
+    for byte in prompt:
+      h = cell(w, h, jnp.int32(byte))
+      logits.append(logits_of(w, h))
+    np.testing.assert_allclose(np.stack(logits), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_and_dense_generate_the_same_text(gru_run, monkeypatch):
+  monkeypatch.setattr(sample.sparse_linear, "fastest", always_sparse)
+  results = {inference: sample.sample(gru_run, "import ", 64, inference=inference, repeats=1)
+             for inference in sample.INFERENCE}
+  assert results["sparse"]["text"] == results["dense"]["text"]
+  assert results["sparse"]["text"].startswith("import ")
+  assert set(results["sparse"]["layers"].values()) == {"Condensed"}
+  assert set(results["dense"]["layers"].values()) == {"dense"}
+  # Sampling: a pure function of the seed.
+  a = sample.sample(gru_run, "x", 32, temperature=1.0, seed=3, repeats=1)["text"]
+  b = sample.sample(gru_run, "x", 32, temperature=1.0, seed=3, repeats=1)["text"]
+  c = sample.sample(gru_run, "x", 32, temperature=1.0, seed=4, repeats=1)["text"]
+  assert a == b and a != c
+
+
+def test_command_line_prints_text_then_one_json_line_and_refuses_bad_input(gru_run, tmp_path):
+  base = [sys.executable, "-m", "rigl_jax.sample", f"--workdir={gru_run}"]
+  proc = subprocess.run(base + ["--prompt=for i in", "--length=40"], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  *text, last = proc.stdout.rstrip("\n").split("\n")
+  assert "\n".join(text).startswith("for i in")
+  info = json.loads(last)
+  assert info["chars_per_s"] > 0 and info["inference"] == "sparse"
+  assert set(info["layers"]) == {"gru_input", "gru_recurrent", "readout_0", "readout_1"}
+  for args, expected in ((["--prompt=x", "--length=0"], "error: --length: must be >= 1"),
+                         (["--prompt=x", "--inference=fast"], "error: flags: flag --inference"),
+                         (["--prompt=x", f"--workdir={tmp_path}/none"], "error: workdir")):
+    proc = subprocess.run(base + args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(expected), \
+        proc.stderr
+    assert "Traceback" not in proc.stderr
