@@ -171,7 +171,10 @@ def first_and_last_loss(workdir):
   return records[0]["loss"], records[-1]["loss"]
 
 
-@pytest.mark.parametrize("method", ["static", "set", "rigl", "pruning", "dense", "small_dense"])
+@pytest.mark.parametrize("method", [pytest.param("static", marks=pytest.mark.slow),
+                                    pytest.param("set", marks=pytest.mark.slow), "rigl",
+                                    pytest.param("pruning", marks=pytest.mark.slow),
+                                    "dense", "small_dense"])
 def test_every_method_trains_the_gru_with_exact_counts(tmp_path, method):
   c = lm_config(method=method)
   summary = train.train_and_evaluate(c, str(tmp_path))
@@ -199,6 +202,7 @@ def test_every_method_trains_the_gru_with_exact_counts(tmp_path, method):
   assert summary["layer_densities"]["gru_recurrent/kernel"] < 0.5
 
 
+@pytest.mark.slow
 def test_transformer_trains_under_rigl(tmp_path):
   summary = train.train_and_evaluate(
       lm_config(model="char_transformer_small", num_train_steps=40, end_step=30),
@@ -271,6 +275,7 @@ def test_paper_gru_has_the_papers_shapes():
   assert small_params["params"]["embed"]["embedding"].shape == (256, 128)  # shared: kept
 
 
+@pytest.mark.slow
 def test_bits_per_char_in_metrics_jsonl_and_tensorboard(tmp_path):
   pytest.importorskip("tensorboard")
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel

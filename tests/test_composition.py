@@ -33,7 +33,10 @@ def mlp_params():
 # ----------------------------------------------------------------------------- sharding
 
 
-@pytest.mark.parametrize("devices", [2, pytest.param(4, marks=pytest.mark.slow)])
+# Both device counts are in the slow set (45 s and more); tests/test_train.py checks
+# two devices against one in the default suite.
+@pytest.mark.parametrize("devices", [pytest.param(2, marks=pytest.mark.slow),
+                                     pytest.param(4, marks=pytest.mark.slow)])
 def test_sharded_params_on_explicit_and_auto_meshes(devices):
   """Model-parallel, FSDP-style (and on 4 devices both) layouts, Explicit and Auto
   axes, eight methods and structures (constant fan-in, SRigL, 2:4 and blocks with

@@ -469,6 +469,7 @@ def test_slurm_multinode_script_and_device_check(tmp_path):
     emit.tpu_devices("v9-8")
 
 
+@pytest.mark.slow
 def test_sweep_refuses_a_batch_that_does_not_divide_over_the_pod_when_emitting(tmp_path):
   sweep_dir = str(tmp_path / "sweep")
   base = [sys.executable, "-m", "rigl_jax.launch.sweep", f"--config={CIFAR10}",
@@ -507,6 +508,7 @@ FAKE_GCLOUD = """\
     """
 
 
+@pytest.mark.slow
 def test_tpu_script_starts_detached_polls_and_resumes(tmp_path, stub, monkeypatch):
   monkeypatch.chdir(REPO)  # the config path is written relative to the repository
   _, exe, log = stub

@@ -73,6 +73,7 @@ def test_sparse_and_dense_generate_the_same_text(gru_run, monkeypatch):
   assert a == b and a != c
 
 
+@pytest.mark.slow
 def test_command_line_prints_text_then_one_json_line_and_refuses_bad_input(gru_run, tmp_path):
   base = [sys.executable, "-m", "rigl_jax.sample", f"--workdir={gru_run}"]
   proc = subprocess.run(base + ["--prompt=for i in", "--length=40"], cwd=REPO,
