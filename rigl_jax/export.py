@@ -11,19 +11,28 @@ against the masked dense model, and prints one JSON object: sizes
 ``.npz``), ``roundtrip_exact``, ``predictions_match`` and per-layer details.
 ``benchmarks/bench_export.py`` adds latencies and other size comparisons.
 
-File format (``FORMAT_VERSION`` 1)
-----------------------------------
+File format (``FORMAT_VERSION`` 2; format-1 files still load)
+------------------------------------------------------------
 ``model.npz`` is a zip archive written by ``np.savez_compressed`` (deflate).
-Keys are ``"<collection>/<leaf path>:<part>"``, e.g. ``params/fc1/kernel:values``:
+Keys are ``"<collection>/<leaf path>:<part>"``, e.g. ``params/fc1/kernel:values``.
+A sparse kernel (a leaf with a mask that is not all-True) is stored in the form
+its mask's structure runs fastest in, over the kernel reshaped to ``(fan_in,
+fan_out)`` (all axes but the last, row-major); the manifest's ``encoding`` says
+which:
 
-* a sparse kernel (a leaf with a mask that is not all-True) is stored as
+* ``bitmap`` (unstructured masks; format 1's only one): ``:bitmap``,
+  ``np.packbits`` of the mask, 1 bit per weight, and ``:values``, the active
+  weights in row-major order;
+* ``condensed`` (constant fan-in and N:M): ``:values [fan_out, k]``, the active
+  weights of each output unit, ``:indices [fan_out, k]`` their input indices
+  (uint16 up to 65,536 inputs, else int32), increasing, and ``:counts
+  [fan_out]``, how many each unit holds (k, or 0 for a unit SRigL ablated;
+  padding is 0 at index 0);
+* ``blocks`` (``block:RxC``): ``:block_bitmap``, ``np.packbits`` of the tiles on,
+  and ``:values [n_on, R, C]``, their weights, tiles in row-major order.
 
-  - ``:bitmap``: ``np.packbits`` of its mask over the kernel reshaped to
-    ``(fan_in, fan_out)`` (all axes but the last, row-major): 1 bit per weight;
-  - ``:values``: the active weights in that row-major order, in the leaf's dtype.
-
-* every other leaf (biases, BatchNorm parameters and statistics, kernels left
-  dense by the distribution) is stored as it is, under ``:dense``.
+Every other leaf (biases, BatchNorm parameters and statistics, kernels left
+dense by the distribution) is stored as it is, under ``:dense``.
 
 ``manifest.json`` holds the model name and constructor arguments, the input
 shape, the checkpoint step, and per leaf: path, shape, dtype, encoding, number
@@ -41,11 +50,14 @@ losslessly so that the exported model computes the trained function.
 Inference (``load_exported``)
 -----------------------------
 The model is rebuilt from its name and run with `flax.linen.intercept_methods`:
-every ``nn.Dense`` whose kernel is sparse (and at most ``max_density`` dense;
-denser kernels are rebuilt densely in memory) computes ``x @ W`` from the
-active weights only (`coo_matmul`: a scan over
-chunks of active weights, each a gather of inputs and a scatter-add into the
-outputs; no dense kernel in memory). ``nn.Conv`` layers run
+every ``nn.Dense`` whose kernel is sparse computes ``x @ W`` from its active
+weights only: a ``condensed`` kernel as `rigl_jax.sparse_linear.Condensed` (one
+gather per output unit's inputs), a ``blocks`` kernel as
+`sparse_linear.Blocks`, a ``bitmap`` kernel of at most ``max_density`` as
+`coo_matmul` (a scan over chunks of active weights, each a gather of inputs and
+a scatter-add into the outputs); denser bitmap kernels are rebuilt densely.
+``load_exported(..., batch=B)`` instead times, per layer, the dense product
+against the sparse form for a batch of B and keeps the faster. ``nn.Conv`` layers run
 XLA's dense convolution on the kernel rebuilt from the compressed form
 (``conv="dense"``, the default) or im2col and the same sparse product
 (``conv="sparse"``). Everything else (pooling, BatchNorm, activations) runs as
@@ -80,9 +92,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from rigl_jax import sparse_linear
+
 PyTree = Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: every sparse kernel as a bitmap
 MODEL_FILE = "model.npz"
 MANIFEST_FILE = "manifest.json"
 # Sparse kernels denser than this run as dense products at inference (see load_exported).
@@ -245,6 +260,95 @@ def decode_kernel(parts: dict[str, np.ndarray], shape, dtype) -> tuple[np.ndarra
   return kernel, mask
 
 
+def encode_condensed(kernel: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+  """A constant fan-in kernel (N:M too) over ``(fan_in, fan_out)``: per output unit
+  its active weights (``values [fan_out, k]``), their input indices (``indices``,
+  uint16 where they fit) in increasing order, and how many it holds (``counts``:
+  ``k``, or 0 for a unit SRigL ablated; padding is 0 at index 0)."""
+  kernel, mask = np.asarray(kernel), np.asarray(mask, bool).reshape(np.shape(kernel))
+  fan_out = kernel.shape[-1]
+  mask2, kernel2 = mask.reshape(-1, fan_out), kernel.reshape(-1, fan_out)
+  form = sparse_linear.condense(kernel2, mask2)
+  counts = mask2.sum(0)
+  index_dtype = np.uint16 if mask2.shape[0] <= np.iinfo(np.uint16).max + 1 else np.int32
+  return {"values": np.asarray(form.values), "indices": np.asarray(form.indices).astype(index_dtype),
+          "counts": counts.astype(np.int32)}
+
+
+def decode_condensed(parts: dict[str, np.ndarray], shape, dtype) -> tuple[np.ndarray, np.ndarray]:
+  """Inverse of `encode_condensed`."""
+  fan_out = shape[-1]
+  values, indices, counts = parts["values"], parts["indices"].astype(np.int64), parts["counts"]
+  keep = np.arange(values.shape[1])[None, :] < counts[:, None]                 # [fan_out, k]
+  cols = np.broadcast_to(np.arange(fan_out)[:, None], keep.shape)
+  kernel = np.zeros((math.prod(shape) // fan_out, fan_out), dtype)
+  mask = np.zeros(kernel.shape, bool)
+  kernel[indices[keep], cols[keep]] = values[keep]
+  mask[indices[keep], cols[keep]] = True
+  return kernel.reshape(shape), mask.reshape(shape)
+
+
+def encode_blocks(kernel: np.ndarray, mask: np.ndarray, block) -> dict[str, np.ndarray]:
+  """A kernel of whole ``block`` = (R, C) tiles over ``(fan_in, fan_out)``: a bitmap of
+  the tiles on (``block_bitmap``) and their weights (``values [n_on, R, C]``, tiles
+  in row-major order)."""
+  r, c = block
+  fan_out = np.shape(kernel)[-1]
+  kernel2 = np.asarray(kernel).reshape(-1, fan_out)
+  tiles = np.asarray(mask, bool).reshape(kernel2.shape[0] // r, r, fan_out // c, c)
+  on = tiles.any(axis=(1, 3))
+  values = kernel2.reshape(on.shape[0], r, on.shape[1], c).transpose(0, 2, 1, 3)[on]
+  return {"block_bitmap": np.packbits(on.reshape(-1)), "values": values}
+
+
+def decode_blocks(parts: dict[str, np.ndarray], shape, dtype, block) -> tuple[np.ndarray, np.ndarray]:
+  """Inverse of `encode_blocks`."""
+  r, c = block
+  fan_out = shape[-1]
+  fan_in = math.prod(shape) // fan_out
+  grid = (fan_in // r, fan_out // c)
+  on = np.unpackbits(parts["block_bitmap"], count=grid[0] * grid[1]).astype(bool).reshape(grid)
+  tiles = np.zeros(grid + (r, c), dtype)
+  tiles[on] = parts["values"]
+  kernel = tiles.transpose(0, 2, 1, 3).reshape(fan_in, fan_out)
+  mask = np.kron(on, np.ones((r, c), bool))
+  return kernel.reshape(shape), mask.reshape(shape)
+
+
+# The parts each encoding stores.
+ENCODING_PARTS = {"bitmap": ("bitmap", "values"), "condensed": ("values", "indices", "counts"),
+                  "blocks": ("block_bitmap", "values")}
+
+
+def _encoding_for(described: dict | None, stack_axes: int) -> str:
+  """The encoding of a sparse kernel from what its mask keeps (`structure.describe`):
+  the form its structure runs fastest in; a bitmap for unstructured masks."""
+  name = (described or {}).get("structure", "unstructured")
+  if stack_axes:
+    return "bitmap"
+  if name == "constant_fan_in" or ":" in name and not name.startswith("block"):
+    return "condensed"
+  if name.startswith("block:"):
+    return "blocks"
+  return "bitmap"
+
+
+def _block_of(structure_name: str) -> tuple[int, int]:
+  r, c = structure_name.split(":", 1)[1].split("x")
+  return int(r), int(c)
+
+
+def decode_layer(layer: dict, parts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """``(dense kernel with zeros, mask)`` of a manifest layer from its stored parts."""
+  shape, dtype = tuple(layer["shape"]), np.dtype(layer["dtype"])
+  encoding = layer["encoding"]
+  if encoding == "condensed":
+    return decode_condensed(parts, shape, dtype)
+  if encoding == "blocks":
+    return decode_blocks(parts, shape, dtype, _block_of(layer["structure"]))
+  return decode_kernel(parts, shape, dtype)
+
+
 def _is_sparse_leaf(leaf, mask) -> bool:
   return mask is not None and np.ndim(leaf) >= 2 and not np.all(mask)
 
@@ -261,25 +365,37 @@ def export_run(run: Run, out_dir: str) -> dict:
   from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax import structure as structure_lib  # pylint: disable=import-outside-toplevel
   structure = config_lib.structure_of(run.config) or "unstructured"
+  # The structure and stacked axes of each params leaf, as the trainer's transform saw
+  # them (a {regex: structure} dict names them per layer).
+  leaf_structures = _flat(structure_lib.structures(run.variables["params"], structure))
+  structure_of = lambda path: leaf_structures.get(path) or "unstructured"
+  stack_axes_of = lambda path: 0  # the trainer's models stack no layers
   for collection in COLLECTIONS:
     for path, leaf in _flat(run.variables[collection]).items():
       leaf = np.asarray(leaf)
       mask = flat_masks.get(path) if collection == "params" else None
       key = f"{collection}/{path}"
+      described = None
       if _is_sparse_leaf(leaf, mask):
-        parts = encode_kernel(leaf, mask)
-        encoding, nnz = "bitmap", int(parts["values"].size)
+        # The structure the mask keeps (checked on the mask itself) picks the form.
+        described = (structure_lib.describe(mask, structure_of(path))
+                     or {"structure": "unstructured"})
+        encoding = _encoding_for(described, stack_axes_of(path))
+        if encoding == "condensed":
+          parts = encode_condensed(leaf, mask)
+        elif encoding == "blocks":
+          parts = encode_blocks(leaf, mask, _block_of(described["structure"]))
+        else:
+          parts = encode_kernel(leaf, mask)
+        nnz = int(np.asarray(mask).sum())
       else:
         parts, encoding, nnz = {"dense": leaf}, "dense", int(leaf.size)
       for name, array in parts.items():
         arrays[f"{key}:{name}"] = array
       layers.append({"path": key, "shape": list(leaf.shape), "dtype": str(leaf.dtype),
                      "encoding": encoding, "nnz": nnz, "density": nnz / max(leaf.size, 1)})
-      if encoding != "dense":
-        # The structure the mask keeps (checked on the mask itself): the next
-        # format picks its layout from it.
-        layers[-1].update(structure_lib.describe(mask, structure) or
-                          {"structure": "unstructured"})
+      if described is not None:
+        layers[-1].update(described)
   model_path = os.path.join(out_dir, MODEL_FILE)
   tmp = model_path + ".tmp.npz"
   np.savez_compressed(tmp, **arrays)
@@ -395,10 +511,29 @@ def _layer_kinds(model: nn.Module, input_shape) -> dict[str, str]:
   return kinds
 
 
+def _dense_input_rows(model: nn.Module, input_shape, batch: int) -> dict[str, int]:
+  """``{kernel path: rows}``: how many input rows each `nn.Dense` multiplies for a
+  batch of ``batch`` examples (batch times any axes between, e.g. a sequence)."""
+  rows: dict[str, int] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, nn.Dense) and args:
+      rows["/".join(module.path + ("kernel",))] = math.prod(args[0].shape[:-1])
+    return next_fun(*args, **kwargs)
+
+  sample = jnp.zeros((batch,) + tuple(input_shape), jnp.float32)
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), sample, train=False))
+  return rows
+
+
 def _sparse_apply(model: nn.Module, kernel_shapes: dict[str, tuple]):
   """``fn(weights, x)``: ``model.apply`` with the layers in ``weights["sparse"]`` run
-  as `coo_matmul` (4-D conv kernels on im2col patches); every other layer runs
-  unchanged from ``weights["variables"]``. ``kernel_shapes``: their kernel shapes."""
+  from their sparse form (``form``: `sparse_linear.Condensed` or ``Blocks``, or the
+  COO arrays of `coo_matmul`; 4-D conv kernels on im2col patches); every other
+  layer runs unchanged from ``weights["variables"]``. ``kernel_shapes``: their
+  kernel shapes."""
 
   def fn(weights, x):
     sparse = weights["sparse"]
@@ -416,8 +551,13 @@ def _sparse_apply(model: nn.Module, kernel_shapes: dict[str, tuple]):
         # to match at load time.
         inputs = jax.lax.conv_general_dilated_patches(
             inputs, shape[:2], strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      flat = inputs.reshape(-1, inputs.shape[-1]).astype(layer["vals"].dtype)
-      y = coo_matmul(flat, layer["rows"], layer["cols"], layer["vals"], shape[-1])
+      form = layer["form"]
+      if isinstance(form, (sparse_linear.Condensed, sparse_linear.Blocks)):
+        flat = inputs.reshape(-1, inputs.shape[-1]).astype(form.values.dtype)
+        y = sparse_linear.product(form)(flat, form)
+      else:
+        flat = inputs.reshape(-1, inputs.shape[-1]).astype(form["vals"].dtype)
+        y = coo_matmul(flat, form["rows"], form["cols"], form["vals"], shape[-1])
       y = y.reshape(inputs.shape[:-1] + (shape[-1],))
       if "bias" in layer:
         y = y + layer["bias"]
@@ -437,10 +577,12 @@ class Exported(NamedTuple):
   manifest: dict
   model: nn.Module
   layer_modes: dict                      # kernel path -> "sparse" | "dense" at inference
+  layer_forms: dict                      # kernel path -> "dense" | "coo" | "Condensed" | "Blocks"
 
 
 def load_exported(path: str, *, conv: str = "dense",
-                  max_density: float = DEFAULT_MAX_DENSITY) -> Exported:
+                  max_density: float = DEFAULT_MAX_DENSITY,
+                  batch: int | None = None) -> Exported:
   """Loads an export directory (or its ``model.npz``) for inference.
 
   Args:
@@ -449,9 +591,16 @@ def load_exported(path: str, *, conv: str = "dense",
       kernel rebuilt from the compressed weights) or ``"sparse"`` (im2col, then
       the COO product). Sparse `nn.Dense` kernels always use the COO product;
       sparse kernels of any other module run densely.
-    max_density: sparse kernels denser than this run densely too: on XLA's CPU
-      backend `coo_matmul` lost to the dense product above roughly 10% density
-      at batch 1 and 128 (784x300, 300x100 and 800x500 kernels).
+    max_density: bitmap (unstructured) kernels denser than this run densely too:
+      on XLA's CPU backend `coo_matmul` lost to the dense product above roughly
+      10% density at batch 1 and 128 (784x300, 300x100 and 800x500 kernels).
+      Structured kernels run in their own form (format 2): constant fan-in and
+      N:M as `sparse_linear.Condensed`, blocks as `sparse_linear.Blocks`.
+    batch: plan for this batch size instead: every sparse `nn.Dense` layer runs
+      whichever of the dense product and its sparse form (its structure's, or
+      padded condensed for a bitmap) `sparse_linear.fastest` measures faster at
+      the rows it multiplies for such a batch, so that no sparse layer makes
+      the model slower (a few seconds of timing at load).
 
   Returns:
     `Exported`. Both functions are jitted; the weights are on the device and
@@ -469,13 +618,15 @@ def load_exported(path: str, *, conv: str = "dense",
     raise ExportError(f"{directory!r} holds no {MANIFEST_FILE}: not an export directory")
   with open(manifest_path) as f:
     manifest = json.load(f)
-  if manifest.get("format_version") != FORMAT_VERSION:
+  if manifest.get("format_version") not in READABLE_VERSIONS:
     raise ExportError(f"{manifest_path}: format_version {manifest.get('format_version')!r}; "
-                      f"this code reads {FORMAT_VERSION}")
+                      f"this code reads {', '.join(map(str, READABLE_VERSIONS))}")
   kw = manifest["model_kwargs"]
   model = models.get_model(manifest["model"], num_classes=kw["num_classes"],
                            width_multiplier=kw["width_multiplier"], dtype=jnp.dtype(kw["dtype"]))
   kinds = _layer_kinds(model, manifest["input_shape"])
+  rows = _dense_input_rows(model, manifest["input_shape"], batch) if batch else {}
+  layer_forms: dict[str, str] = {}
 
   decoded: dict[str, np.ndarray] = {}    # every leaf, dense: the reference model's variables
   sparse: dict[str, dict] = {}           # kernel path -> COO arrays (+ bias)
@@ -487,20 +638,25 @@ def load_exported(path: str, *, conv: str = "dense",
       if layer["encoding"] == "dense":
         decoded[key] = npz[f"{key}:dense"]
         continue
-      kernel, mask = decode_kernel({p: npz[f"{key}:{p}"] for p in ("bitmap", "values")},
-                                   shape, np.dtype(layer["dtype"]))
+      kernel, mask = decode_layer(
+          layer, {p: npz[f"{key}:{p}"] for p in ENCODING_PARTS[layer["encoding"]]})
       decoded[key] = kernel
       path = key.split("/", 1)[1]
       kind = kinds.get(path, "other")
-      if (kind == "other" or layer["density"] > max_density
-          or (kind == "conv" and (conv == "dense" or len(shape) != 4))):
-        layer_modes[path] = "dense"
+      form = None
+      if kind == "dense" and len(shape) == 2:
+        form = _dense_layer_form(layer, kernel, mask, max_density, rows.get(path))
+      elif kind == "conv" and conv == "sparse" and len(shape) == 4:
+        # rows (kh, kw, cin) -> im2col's (cin, kh, kw)
+        k4, m4 = (a.transpose(2, 0, 1, 3) for a in (kernel, mask))
+        form = coo_from_dense(k4.reshape(-1, shape[-1]), m4.reshape(-1, shape[-1]))
+      if form is None:
+        layer_modes[path], layer_forms[path] = "dense", "dense"
         continue
-      if kind == "conv":  # rows (kh, kw, cin) -> im2col's (cin, kh, kw)
-        kernel, mask = (a.transpose(2, 0, 1, 3) for a in (kernel, mask))
-      sparse[path] = coo_from_dense(kernel.reshape(-1, shape[-1]), mask.reshape(-1, shape[-1]))
+      sparse[path] = {"form": form}
       kernel_shapes[path] = shape
       layer_modes[path] = "sparse"
+      layer_forms[path] = "coo" if isinstance(form, dict) else type(form).__name__
 
   # The sparse model's flax variables: everything except the kernels (and their
   # biases) that run as COO products, which those modules never read.
@@ -517,7 +673,30 @@ def load_exported(path: str, *, conv: str = "dense",
   dense_jit = jax.jit(lambda v, x: model.apply(v, x, train=False))
   return Exported(model_fn=lambda x: sparse_jit(weights, x),
                   dense_fn=lambda x: dense_jit(dense_variables, x),
-                  variables=variables, manifest=manifest, model=model, layer_modes=layer_modes)
+                  variables=variables, manifest=manifest, model=model, layer_modes=layer_modes,
+                  layer_forms=layer_forms)
+
+
+def _dense_layer_form(layer: dict, kernel: np.ndarray, mask: np.ndarray, max_density: float,
+                      rows: int | None):
+  """The sparse form an `nn.Dense` layer runs in, or None for the dense product.
+
+  Without ``rows``: a structured kernel's own form (condensed, blocks), a bitmap
+  kernel's COO arrays up to ``max_density``. With ``rows`` (a planned batch): the
+  faster of the dense product and the sparse form, measured at that many rows."""
+  if layer["encoding"] == "condensed":
+    form = sparse_linear.condense(kernel, mask)
+  elif layer["encoding"] == "blocks":
+    form = sparse_linear.blockify(kernel, mask, _block_of(layer["structure"]))
+  elif rows is not None:
+    form = sparse_linear.condense(kernel, mask)  # padded to the largest fan-in
+  else:
+    return coo_from_dense(kernel, mask) if layer["density"] <= max_density else None
+  if rows is None:
+    return form
+  best, _ = sparse_linear.fastest({"dense": jnp.asarray(np.where(mask, kernel, 0)),
+                                   "sparse": form}, rows)
+  return form if best == "sparse" else None
 
 
 # ----------------------------------------------------------------------------- check
@@ -561,14 +740,14 @@ def check_batch(run: Run, size: int = 128) -> tuple[np.ndarray, str]:
 
 
 def verify_export(run: Run, out_dir: str, *, conv: str = "dense",
-                  max_density: float = DEFAULT_MAX_DENSITY) -> dict:
+                  max_density: float = DEFAULT_MAX_DENSITY, batch: int | None = None) -> dict:
   """Reloads the export in ``out_dir`` and checks it against the masked dense model.
 
   Returns the report printed by the command line: sizes, whether the variables
   round-trip bit for bit and the predictions match on a batch of 128, and
   per-layer details. Latencies are measured by ``benchmarks/bench_export.py``.
   """
-  exported = load_exported(out_dir, conv=conv, max_density=max_density)
+  exported = load_exported(out_dir, conv=conv, max_density=max_density, batch=batch)
   manifest = exported.manifest
   reference = masked_reference(run)
   roundtrip = all(np.array_equal(a, b) for a, b in zip(
@@ -587,14 +766,17 @@ def verify_export(run: Run, out_dir: str, *, conv: str = "dense",
     path = layer["path"].split("/", 1)[1]
     itemsize = np.dtype(layer["dtype"]).itemsize
     layers.append({**layer, "dense_bytes": math.prod(layer["shape"]) * itemsize,
-                   "inference": exported.layer_modes.get(path, "dense")})
+                   "inference": exported.layer_modes.get(path, "dense"),
+                   "product": exported.layer_forms.get(path, "dense")})
   sparse_kernels = [l for l in manifest["layers"] if l["encoding"] != "dense"]
   kernel_sizes = [math.prod(l["shape"]) for l in manifest["layers"] if len(l["shape"]) >= 2]
   return {
       "model": manifest["model"], "method": manifest["method"],
       "sparsity": manifest["sparsity"], "step": manifest["step"], "out": out_dir,
-      "format": "npz (deflate); sparse kernels as packbits bitmap over (fan_in, fan_out) "
-                "+ float values of the active weights; other leaves dense",
+      "format": f"npz (deflate), format {manifest['format_version']}; sparse kernels over "
+                "(fan_in, fan_out) as bitmap + values, condensed (values, indices and "
+                "counts per output unit) or blocks (tile bitmap + tile values); other "
+                "leaves dense",
       "kernel_density": (sum(l["nnz"] for l in manifest["layers"] if len(l["shape"]) >= 2)
                          / max(sum(kernel_sizes), 1)),
       "sparse_kernels": len(sparse_kernels),
@@ -607,7 +789,7 @@ def verify_export(run: Run, out_dir: str, *, conv: str = "dense",
       "argmax_equal": argmax_equal,
       "max_abs_logit_diff": float(np.max(np.abs(logits - ref_logits))),
       "check_batch": {"size": int(images.shape[0]), "source": source},
-      "conv": conv, "max_density": max_density,
+      "conv": conv, "max_density": max_density, "planned_batch": batch,
       "layers": layers,
   }
 
@@ -636,8 +818,10 @@ def main(argv) -> None:
   f = flags.FLAGS
   cli.require(0.0 <= f.max_density <= 1.0, "--max_density",
               f"must be in [0, 1], got {f.max_density}")
+  cli.require(f.batch is None or f.batch >= 1, "--batch", f"must be >= 1, got {f.batch}")
   try:
-    report = export_and_verify(f.workdir, f.out, conv=f.conv, max_density=f.max_density)
+    report = export_and_verify(f.workdir, f.out, conv=f.conv, max_density=f.max_density,
+                               batch=f.batch)
   except (ExportError, checkpoint_lib.CheckpointRestoreError) as e:
     cli.fail(e)
   except OSError as e:  # an --out that cannot be written
@@ -652,6 +836,8 @@ if __name__ == "__main__":
   flags.DEFINE_enum("conv", "dense", ["dense", "sparse"],
                     "Sparse conv kernels at inference: dense conv on the rebuilt kernel, "
                     "or im2col + sparse product.")
+  flags.DEFINE_integer("batch", None, "Plan the inference for this batch size: every "
+                       "sparse dense layer runs the faster of the dense and its sparse form.")
   flags.DEFINE_float("max_density", DEFAULT_MAX_DENSITY,
                      "Sparse kernels denser than this run as dense products.")
   flags.mark_flags_as_required(["workdir"])

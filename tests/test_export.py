@@ -182,3 +182,74 @@ def test_missing_workdir_is_a_clear_error(tmp_path):
   assert result.returncode == 2
   assert result.stdout == ""
   assert result.stderr.strip().splitlines()[-1] == f"error: workdir {missing!r} does not exist"
+
+
+def structured_run(tmp_path, structure, sparsity):
+  """LeNet-300-100 with random masks of ``structure`` (the transform's own init),
+  assembled by hand: no training needed."""
+  import optax  # pylint: disable=import-outside-toplevel
+  import rigl_jax  # pylint: disable=import-outside-toplevel
+  model = models.get_model("lenet_300_100", num_classes=10)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)["params"]
+  tx = rigl_jax.sparse_training(optax.sgd(0.1), method="rigl", end_step=100,
+                                sparsity=sparsity, distribution="uniform",
+                                structure=structure, uniform_first_layer_dense=False)
+  masks = jax.tree.map(np.asarray, rigl_jax.get_masks(tx.init(params)))
+  params = jax.tree.map(lambda p: np.asarray(p), params)
+  config = tiny_config(structure=structure, sparsity=sparsity, distribution="uniform")
+  return export.Run(workdir=str(tmp_path), config=config, model=model,
+                    model_kwargs={"num_classes": 10, "width_multiplier": 1.0,
+                                  "dtype": "float32"},
+                    input_shape=(28, 28, 1), step=0,
+                    variables={"params": params, "batch_stats": {}}, masks=masks)
+
+
+@pytest.mark.parametrize("structure,sparsity,encoding,form", [
+    ("constant_fan_in", 0.9, "condensed", "Condensed"), ("2:4", 0.5, "condensed", "Condensed"),
+    ("block:2x2", 0.9, "blocks", "Blocks")])
+def test_format_2_stores_and_runs_each_structures_own_form(tmp_path, structure, sparsity,
+                                                           encoding, form):
+  run = structured_run(tmp_path, structure, sparsity)
+  out = str(tmp_path / "export")
+  manifest = export.export_run(run, out)
+  assert manifest["format_version"] == 2
+  kernels = [l for l in manifest["layers"] if l["encoding"] != "dense"]
+  assert kernels and {l["encoding"] for l in kernels} == {encoding}
+  report = export.verify_export(run, out)
+  assert report["roundtrip_exact"] and report["predictions_match"], report
+  loaded = export.load_exported(out)
+  assert {loaded.layer_forms[l["path"].split("/", 1)[1]] for l in kernels} == {form}
+  x = np.random.default_rng(0).standard_normal((3, 28, 28, 1)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(loaded.model_fn(x)), masked_logits(run, x),
+                             rtol=1e-4, atol=1e-4)
+  # Planned for batch 1: each layer runs the faster of dense and its form, same logits.
+  planned = export.load_exported(out, batch=1)
+  assert set(planned.layer_forms.values()) <= {"dense", form}
+  np.testing.assert_allclose(np.asarray(planned.model_fn(x[:1])), masked_logits(run, x[:1]),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_format_1_files_still_load(trained):
+  """A format-1 export (every sparse kernel a bitmap, the encoding format 2 keeps for
+  unstructured masks) loads and predicts as before."""
+  workdir, run, out_dir, manifest = trained
+  assert {l["encoding"] for l in manifest["layers"]} == {"bitmap", "dense"}
+  with open(os.path.join(out_dir, export.MANIFEST_FILE)) as f:
+    old = json.load(f)
+  old["format_version"] = 1
+  for layer in old["layers"]:  # format 1 recorded no structure
+    layer.pop("structure", None)
+  v1 = os.path.join(workdir, "export_v1")
+  os.makedirs(v1)
+  os.link(os.path.join(out_dir, export.MODEL_FILE), os.path.join(v1, export.MODEL_FILE))
+  with open(os.path.join(v1, export.MANIFEST_FILE), "w") as f:
+    json.dump(old, f)
+  loaded = export.load_exported(v1)
+  x = np.random.default_rng(1).standard_normal((2, 28, 28, 1)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(loaded.model_fn(x)), masked_logits(run, x),
+                             rtol=1e-4, atol=1e-4)
+  old["format_version"] = 3
+  with open(os.path.join(v1, export.MANIFEST_FILE), "w") as f:
+    json.dump(old, f)
+  with pytest.raises(export.ExportError, match="format_version 3; this code reads 1, 2"):
+    export.load_exported(v1)
