@@ -79,3 +79,47 @@ def test_largest_bounds_and_dispatch():
     assert "scatter" in lowered(big) and "top_k" not in lowered(big).replace("-", "_").lower()
   assert "top_k" in lowered(big[:100]).replace("-", "_").lower() or \
       "topk" in lowered(big[:100]).lower()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_segmented_selection_equals_largest_per_segment(seed):
+  """`largest_in_segments` (one radix select over all segments on CPU) picks the
+  sets `largest` picks segment by segment: ties (rounded values, all equal), k = 0,
+  k capped by max_k, segments of one entry."""
+  rng = np.random.default_rng(seed)
+  sizes = [int(rng.integers(1, 20_000 if seed % 2 else 300)) for _ in range(int(rng.integers(2, 7)))]
+  sizes[0] = 1 if seed == 3 else sizes[0]
+  arrays = []
+  for i, size in enumerate(sizes):
+    a = rng.standard_normal(size).astype(np.float32)
+    a = np.round(a, 1) if (seed + i) % 2 else a
+    arrays.append(jnp.asarray(np.zeros_like(a) if seed == 4 and i == 1 else a))
+  k = [int(rng.integers(0, s + 1)) for s in sizes]
+  max_k = [int(rng.integers(0, s + 1)) for s in sizes]
+  got = jax.jit(lambda a, kk: selection.largest_each(a, kk, max_k))(arrays, k)
+  for g, a, kk, m in zip(got, arrays, k, max_k):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(selection.largest(a, kk, m)))
+
+
+def test_rigl_updates_the_same_masks_grouped_and_layer_by_layer(monkeypatch):
+  """Ten layers: the grouped update (one selection for all) gives the per-layer masks."""
+  import optax  # pylint: disable=import-outside-toplevel
+  import rigl_jax  # pylint: disable=import-outside-toplevel
+  from rigl_jax import methods  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  params = {f"l{i}": jnp.asarray(rng.standard_normal((40 + 7 * i, 30)), jnp.float32)
+            for i in range(10)}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+  results = []
+  for group_min in (8, 10**9):
+    monkeypatch.setattr(methods, "GROUP_MIN_LAYERS", group_min)
+    tx = rigl_jax.sparse_training(optax.sgd(0.1), method="rigl", sparsity=0.8, update_every=1,
+                                  end_step=100)
+    state = tx.init(params)
+    p = rigl_jax.apply_masks(params, state)
+    for _ in range(3):
+      updates, state = jax.jit(tx.update)(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    results.append(jax.tree.map(np.asarray, rigl_jax.get_masks(state)))
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_array_equal(a, b)
