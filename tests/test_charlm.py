@@ -224,6 +224,7 @@ def test_resume_is_bit_identical(tmp_path):
   assert resumed["train_flops"] == whole["train_flops"]
 
 
+@pytest.mark.slow
 def test_main_prints_bits_per_char_and_a_bad_text_path_is_one_error_line(tmp_path):
   base = [sys.executable, "-m", "rigl_jax.main", f"--config={REPO}/configs/charlm_cpu.py",
           "--compilation_cache_dir="]

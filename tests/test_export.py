@@ -222,6 +222,8 @@ def test_format_2_stores_and_runs_each_structures_own_form(tmp_path, structure, 
   x = np.random.default_rng(0).standard_normal((3, 28, 28, 1)).astype(np.float32)
   np.testing.assert_allclose(np.asarray(loaded.model_fn(x)), masked_logits(run, x),
                              rtol=1e-4, atol=1e-4)
+  if structure != "constant_fan_in":
+    return  # the planned load times every layer: once is enough for the default suite
   # Planned for batch 1: each layer runs the faster of dense and its form, same logits.
   planned = export.load_exported(out, batch=1)
   assert set(planned.layer_forms.values()) <= {"dense", form}
