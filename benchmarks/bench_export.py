@@ -263,9 +263,7 @@ def traffic_limit(form, fan_in: int, fan_out: int, batch: int) -> float:
   if batch == 1:
     sparse = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(form))
     return 4 * fan_in * fan_out / sparse
-  if isinstance(form, sparse_linear.Blocks):
-    return fan_in * fan_out / form.values.size
-  return fan_in * fan_out / form.values.size
+  return fan_in * fan_out / form.values.size  # padding included
 
 
 def bench_layers(sparsity: float = 0.9, seed: int = 0) -> list[dict]:
@@ -334,15 +332,9 @@ def main():
   args = parser.parse_args()
 
   if args.layers:
-    rows = bench_layers()
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"jax {jax.__version__} ({jax.devices()[0].platform}); 90% sparse, medians of "
-          f"interleaved scans, speedup = dense / sparse time, limit = dense / sparse "
-          f"bytes read (batch 1) or multiply-adds (batch 256)\n")
-    print_layer_table(rows)
-    if args.out:
-      with open(args.out, "w") as f:
-        json.dump(rows, f, indent=2)
+    report(bench_layers(), print_layer_table, args.out,
+           "90% sparse, medians of interleaved scans, speedup = dense / sparse time, "
+           "limit = dense / sparse bytes read (batch 1) or multiply-adds (batch 256)")
     return
 
   rows = []
@@ -362,12 +354,18 @@ def main():
             repeats={1: args.repeats, 128: max(args.repeats // 10, 10)})
         rows.append(row(report, sparsity))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+  report(rows, print_table, args.out,
+         "medians of interleaved calls, speedup = dense / sparse time (> 1: sparse "
+         "faster), (min) = ratio of best cases")
+
+
+def report(rows: list[dict], table: Callable, out: str | None, legend: str) -> None:
+  """The machine and ``legend``, the table, and the rows as JSON in ``out``."""
   print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"jax {jax.__version__} ({jax.devices()[0].platform}); medians of interleaved calls, "
-        f"speedup = dense / sparse time (> 1: sparse faster), (min) = ratio of best cases\n")
-  print_table(rows)
-  if args.out:
-    with open(args.out, "w") as f:
+        f"jax {jax.__version__} ({jax.devices()[0].platform}); {legend}\n")
+  table(rows)
+  if out:
+    with open(out, "w") as f:
       json.dump(rows, f, indent=2)
 
 

@@ -320,12 +320,11 @@ ENCODING_PARTS = {"bitmap": ("bitmap", "values"), "condensed": ("values", "indic
                   "blocks": ("block_bitmap", "values")}
 
 
-def _encoding_for(described: dict | None, stack_axes: int) -> str:
+def _encoding_for(described: dict | None) -> str:
   """The encoding of a sparse kernel from what its mask keeps (`structure.describe`):
-  the form its structure runs fastest in; a bitmap for unstructured masks."""
+  the form its structure runs fastest in; a bitmap for unstructured masks. (The
+  trainer's models stack no layers, so every kernel is one layer.)"""
   name = (described or {}).get("structure", "unstructured")
-  if stack_axes:
-    return "bitmap"
   if name == "constant_fan_in" or ":" in name and not name.startswith("block"):
     return "condensed"
   if name.startswith("block:"):
@@ -365,11 +364,9 @@ def export_run(run: Run, out_dir: str) -> dict:
   from rigl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from rigl_jax import structure as structure_lib  # pylint: disable=import-outside-toplevel
   structure = config_lib.structure_of(run.config) or "unstructured"
-  # The structure and stacked axes of each params leaf, as the trainer's transform saw
-  # them (a {regex: structure} dict names them per layer).
+  # The structure of each params leaf, as the trainer's transform saw it.
   leaf_structures = _flat(structure_lib.structures(run.variables["params"], structure))
   structure_of = lambda path: leaf_structures.get(path) or "unstructured"
-  stack_axes_of = lambda path: 0  # the trainer's models stack no layers
   for collection in COLLECTIONS:
     for path, leaf in _flat(run.variables[collection]).items():
       leaf = np.asarray(leaf)
@@ -380,7 +377,7 @@ def export_run(run: Run, out_dir: str) -> dict:
         # The structure the mask keeps (checked on the mask itself) picks the form.
         described = (structure_lib.describe(mask, structure_of(path))
                      or {"structure": "unstructured"})
-        encoding = _encoding_for(described, stack_axes_of(path))
+        encoding = _encoding_for(described)
         if encoding == "condensed":
           parts = encode_condensed(leaf, mask)
         elif encoding == "blocks":

@@ -58,6 +58,7 @@ def test_the_step_computes_the_models_logits_in_both_forms(gru_run):
     np.testing.assert_allclose(np.stack(logits), reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sparse_and_dense_generate_the_same_text(gru_run, monkeypatch):
   monkeypatch.setattr(sample.sparse_linear, "fastest", always_sparse)
   results = {inference: sample.sample(gru_run, "import ", 64, inference=inference, repeats=1)

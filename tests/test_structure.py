@@ -135,8 +135,8 @@ def _keeps_the_structures_counts(shapes, case, sparsity, kind, seed):
     assert moved, "the masks never changed"
 
 
-# Every structure and method: 6 examples by default, 48 in the slow set.
-test_every_update_keeps_the_structures_counts = _examples(6)
+# Every structure and method: 4 examples by default, 48 in the slow set.
+test_every_update_keeps_the_structures_counts = _examples(4)
 test_every_update_keeps_the_structures_counts_more_examples = pytest.mark.slow(_examples(48))
 
 

@@ -308,6 +308,7 @@ def test_pruning_train_flops_are_the_mean_over_every_step(tmp_path, method):
   assert formula["train_multiplier"] > 2 * summary["test_flops_multiplier"]
 
 
+@pytest.mark.slow
 def test_compilation_cache_on_by_default_and_results_unchanged(tmp_path):
   cache = tmp_path / "cache"
   args = ("--config.num_train_steps=50", f"--compilation_cache_dir={cache}")
@@ -328,6 +329,7 @@ def test_steps_per_s_leaves_out_the_compiling_step(tmp_path):
   assert all(r is not None and r > 0 for r in rates[1:])
 
 
+@pytest.mark.slow
 def test_uniform_with_a_dense_first_layer_warns_about_the_real_density(tmp_path, caplog):
   import logging  # pylint: disable=import-outside-toplevel
   with caplog.at_level(logging.WARNING):
@@ -385,6 +387,7 @@ def test_models_that_cannot_take_the_data_are_one_line(tmp_path, overrides, mess
   assert "Traceback" not in result.stderr and not (tmp_path / "wd").exists()
 
 
+@pytest.mark.slow
 def test_a_workdir_without_a_checkpoint_takes_the_corrected_config(tmp_path):
   """A run that failed before its first checkpoint is not yet a run: the corrected
   command starts afresh instead of being refused by the config guard."""
