@@ -367,7 +367,9 @@ def drop_and_grow(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
   dropped = drop_in_layers(mask_u, magnitude, jnp.full((layout.n_layers,), n_drop), max_drop,
                            layout.n_layers)
   score = layout.to_units(grow_score.astype(jnp.float32))
-  grown = fill_groups(dropped, magnitude, score, c, min(c, max_drop))
+  need = jnp.maximum(c - dropped.sum(1, dtype=jnp.int32), 0)
+  grown = dropped | selection.largest_along(selection.grow_scores(dropped, score), need,
+                                            min(c, max_drop))
   return layout.from_units(grown)
 
 
