@@ -167,7 +167,12 @@ def largest_in_segments(scores: jax.Array, k: jax.Array, sizes: list[int],
 def _by_segmented_radix(scores: jax.Array, k: jax.Array, sizes: list[int]) -> jax.Array:
   """:func:`by_radix` on each segment of the flat ``scores`` (``sizes``: the
   segments' lengths, static), ``k[i]`` entries of segment ``i``: one histogram
-  pass per digit over every segment, by scatter-add into ``[segments, bins]``."""
+  pass per digit over every segment, by scatter-add into ``[segments, bins]``.
+
+  Written for compile time (a model's whole mask update is this one function):
+  the three digits are turns of one loop, and each segment's digit is found by a
+  bisection over the bins (a loop of masked sums) rather than a cumulative sum,
+  which XLA:CPU compiles as about five reduce-window kernels per use."""
   n = len(sizes)
   key = sortable_bits(scores)
   # Each entry's segment, by binary search over the segments' ends: code of one
@@ -177,22 +182,31 @@ def _by_segmented_radix(scores: jax.Array, k: jax.Array, sizes: list[int]) -> ja
   ends = jax.lax.optimization_barrier(jnp.asarray(np.cumsum(sizes), jnp.int32))
   segment = jnp.searchsorted(ends, jnp.arange(scores.shape[0], dtype=jnp.int32),
                              side="right").astype(jnp.int32)
-  remaining = jnp.maximum(k, 1)
-  kth = jnp.zeros((n,), jnp.uint32)
-  for shift, width in _DIGITS:
-    bins = 1 << width
+  bins = 1 << max(width for _, width in _DIGITS)
+  shifts = jnp.asarray([shift for shift, _ in _DIGITS], jnp.uint32)
+  highs = jnp.asarray([shift + width for shift, width in _DIGITS], jnp.uint32)
+  bin_index = jnp.arange(bins, dtype=jnp.int32)
+
+  def digit_turn(d, carry):
+    remaining, kth = carry
+    shift, high = shifts[d], highs[d]
     digit = ((key >> shift) & jnp.uint32(bins - 1)).astype(jnp.int32)
-    high = shift + width
-    if high < 32:  # only entries whose higher digits equal their segment's kth count
-      digit = jnp.where((key >> high) == (kth[segment] >> high), digit, bins)
+    # Only entries whose higher digits equal their segment's kth count (a shift
+    # by 32, the first digit's, is 0 on both sides in XLA: all entries count).
+    digit = jnp.where((key >> high) == (kth[segment] >> high), digit, bins)
     hist = jnp.zeros((n, bins), jnp.int32).at[segment, digit].add(1, mode="drop")
-    at_least = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
-    chosen = jnp.sum(at_least >= remaining[:, None], axis=1, dtype=jnp.int32) - 1
-    nxt = jnp.minimum(chosen + 1, bins - 1)
-    above = jnp.where(chosen + 1 < bins,
-                      jnp.take_along_axis(at_least, nxt[:, None], axis=1)[:, 0], 0)
-    remaining = remaining - above
-    kth = kth | (chosen.astype(jnp.uint32) << shift)
+    at_or_above = lambda b: jnp.sum(jnp.where(bin_index[None, :] >= b[:, None], hist, 0),
+                                    axis=1)
+    # The largest bin b with at_or_above(b) >= remaining, bit by bit.
+    def bisect(bit, chosen):
+      candidate = chosen | (1 << (bins.bit_length() - 2 - bit))
+      return jnp.where(at_or_above(candidate) >= remaining, candidate, chosen)
+    chosen = jax.lax.fori_loop(0, bins.bit_length() - 1, bisect, jnp.zeros((n,), jnp.int32))
+    remaining = remaining - at_or_above(chosen + 1)
+    return remaining, kth | (chosen.astype(jnp.uint32) << shift)
+
+  remaining, kth = jax.lax.fori_loop(
+      0, len(_DIGITS), digit_turn, (jnp.maximum(k, 1), jnp.zeros((n,), jnp.uint32)))
   kth_each = kth[segment]
   greater = key > kth_each
   equal = key == kth_each
