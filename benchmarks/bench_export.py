@@ -23,8 +23,9 @@ ERK) into ``--root/<model>_<sparsity>`` with `rigl_jax.train.train_and_evaluate`
 product as the trainer's eval step runs it (``x @ W`` on the masked kernel)
 against a sparse form of the same weights (`rigl_jax.sparse_linear`), at 90%:
 
-* batch 1, constant fan-in (condensed form): 768x3072, 3072x768 (target >= 1.5x),
-  4096x4096 (>= 2.5x);
+* batch 1, constant fan-in: 768x3072, 3072x768 (target >= 1.5x), 4096x4096
+  (>= 2.5x); the condensed form by XLA's gather and, where a C++ compiler builds
+  it, by the native kernel (`rigl_jax.native`); the faster is the figure;
 * batch 256, RxC blocks, R = C in 32, 64, 128 (the best is the figure; 16 lost to
   dense in a trial run):
   3072x768 and 4096x4096 (>= 1.5x);
@@ -231,32 +232,6 @@ def layer_masks(fan_in: int, fan_out: int, kind: str, sparsity: float, rng, bloc
   return rng.random((fan_in, fan_out)) >= sparsity
 
 
-def scan_seconds(products: dict, xs, repeats: int = 7) -> dict[str, float]:
-  """Median seconds per product of each ``(fn, weights)`` in ``products``, run as
-  ``fn(x, weights)`` over ``xs`` ``[T, batch, fan_in]`` in one jitted scan (each
-  step's input depends on the last output, so the products run one after another;
-  the weights are arguments, not constants), the scans interleaved."""
-  def scanned(fn):
-    def run(weights, xs):
-      def step(carry, x):
-        y = fn(x + carry, weights)
-        return jnp.tanh(jnp.sum(y)) * 1e-30, y
-      return jax.lax.scan(step, jnp.zeros((), xs.dtype), xs)[1]
-    return jax.jit(run)
-  runs = {name: (scanned(fn), weights) for name, (fn, weights) in products.items()}
-  for run, weights in runs.values():
-    jax.block_until_ready(run(weights, xs))
-  samples = {name: [] for name in runs}
-  names = list(runs)
-  for r in range(repeats):
-    for name in names if r % 2 == 0 else names[::-1]:
-      run, weights = runs[name]
-      start = time.perf_counter()
-      jax.block_until_ready(run(weights, xs))
-      samples[name].append((time.perf_counter() - start) / xs.shape[0])
-  return {name: statistics.median(t) for name, t in samples.items()}
-
-
 def traffic_limit(form, fan_in: int, fan_out: int, batch: int) -> float:
   """Dense over sparse: bytes of the kernel read (batch 1) or multiply-adds (batch
   256), padding included."""
@@ -279,26 +254,28 @@ def bench_layers(sparsity: float = 0.9, seed: int = 0) -> list[dict]:
       mask = layer_masks(fan_in, fan_out, kind, sparsity, rng, block)
       dense = jnp.asarray(np.where(mask, kernel, 0))
       if kind == "blocks":
-        form = sparse_linear.blockify(kernel, mask, (block, block))
-      elif kind == "constant_fan_in":
-        form = sparse_linear.condense(kernel, mask)
-      else:  # the planner's pick between the padded condensed form and dense
+        forms = [sparse_linear.blockify(kernel, mask, (block, block))]
+      elif kind == "constant_fan_in":  # XLA's gather and, where it builds, the native kernel
         condensed = sparse_linear.condense(kernel, mask)
-        choice, _ = sparse_linear.fastest({"dense": dense, "condensed": condensed}, batch)
-        form = condensed if choice == "condensed" else dense
-      fn = sparse_linear.product(form)
-      err = float(jnp.max(jnp.abs(fn(xs[0], form) - xs[0] @ dense)))
-      seconds = scan_seconds({"dense": (sparse_linear.dense_matmul, dense),
-                              "sparse": (fn, form)}, xs)
-      candidates.append(dict(
-          layer=f"{fan_in}x{fan_out}", batch=batch, kind=kind,
-          form=type(form).__name__ if not isinstance(form, jax.Array) else "dense",
-          block=block, dense_us=1e6 * seconds["dense"], sparse_us=1e6 * seconds["sparse"],
-          speedup=seconds["dense"] / seconds["sparse"],
-          limit=(1.0 if isinstance(form, jax.Array) else
-                 traffic_limit(form, fan_in, fan_out, batch)),
-          target=target, max_abs_diff=err))
-      print(json.dumps(candidates[-1]), file=sys.stderr, flush=True)
+        forms = [f for f in (condensed, sparse_linear.native_form(condensed)) if f is not None]
+      else:  # the planner's pick among dense, padded condensed and native
+        options = sparse_linear.candidate_forms(dense, sparse_linear.condense(kernel, mask))
+        choice, _ = sparse_linear.fastest(options, batch)
+        forms = [options[choice]]
+      for form in forms:
+        fn = sparse_linear.product(form)
+        err = float(jnp.max(jnp.abs(fn(xs[0], form) - xs[0] @ dense)))
+        seconds = sparse_linear.time_products({"dense": dense, "sparse": form}, batch,
+                                              repeats=7, steps=steps)
+        candidates.append(dict(
+            layer=f"{fan_in}x{fan_out}", batch=batch, kind=kind,
+            form=type(form).__name__ if not isinstance(form, jax.Array) else "dense",
+            block=block, dense_us=1e6 * seconds["dense"], sparse_us=1e6 * seconds["sparse"],
+            speedup=seconds["dense"] / seconds["sparse"],
+            limit=(1.0 if isinstance(form, jax.Array) else
+                   traffic_limit(form, fan_in, fan_out, batch)),
+            target=target, max_abs_diff=err))
+        print(json.dumps(candidates[-1]), file=sys.stderr, flush=True)
     best = max(candidates, key=lambda r: r["speedup"])
     # A layer left dense runs the dense product itself: never slower, by construction.
     best["met"] = best["form"] == "dense" or best["speedup"] >= target
@@ -349,10 +326,10 @@ def main():
       out_dir = os.path.join(workdir, "export")
       export.export_run(run, out_dir)
       for conv in ("dense", "sparse") if model == "lenet5" else ("dense",):
-        report = measure_export(
+        measured = measure_export(
             run, out_dir, conv=conv,
             repeats={1: args.repeats, 128: max(args.repeats // 10, 10)})
-        rows.append(row(report, sparsity))
+        rows.append(row(measured, sparsity))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
   report(rows, print_table, args.out,
          "medians of interleaved calls, speedup = dense / sparse time (> 1: sparse "

@@ -549,7 +549,8 @@ def _sparse_apply(model: nn.Module, kernel_shapes: dict[str, tuple]):
         inputs = jax.lax.conv_general_dilated_patches(
             inputs, shape[:2], strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
       form = layer["form"]
-      if isinstance(form, (sparse_linear.Condensed, sparse_linear.Blocks)):
+      if isinstance(form, (sparse_linear.Condensed, sparse_linear.NativeCondensed,
+                           sparse_linear.Blocks)):
         flat = inputs.reshape(-1, inputs.shape[-1]).astype(form.values.dtype)
         y = sparse_linear.product(form)(flat, form)
       else:
@@ -574,7 +575,7 @@ class Exported(NamedTuple):
   manifest: dict
   model: nn.Module
   layer_modes: dict                      # kernel path -> "sparse" | "dense" at inference
-  layer_forms: dict                      # kernel path -> "dense" | "coo" | "Condensed" | "Blocks"
+  layer_forms: dict  # kernel path -> "dense" | "coo" | "Condensed" | "NativeCondensed" | "Blocks"
 
 
 def load_exported(path: str, *, conv: str = "dense",
@@ -691,9 +692,9 @@ def _dense_layer_form(layer: dict, kernel: np.ndarray, mask: np.ndarray, max_den
     return coo_from_dense(kernel, mask) if layer["density"] <= max_density else None
   if rows is None:
     return form
-  best, _ = sparse_linear.fastest({"dense": jnp.asarray(np.where(mask, kernel, 0)),
-                                   "sparse": form}, rows)
-  return form if best == "sparse" else None
+  forms = sparse_linear.candidate_forms(jnp.asarray(np.where(mask, kernel, 0)), form)
+  best, _ = sparse_linear.fastest(forms, rows)
+  return None if best == "dense" else forms[best]
 
 
 # ----------------------------------------------------------------------------- check

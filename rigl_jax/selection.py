@@ -132,19 +132,6 @@ def largest(scores: jax.Array, k: jax.Array, max_k: int) -> jax.Array:
   return by_radix(scores, k) if _on_cpu() else by_top_k(scores, k, max_k)
 
 
-def largest_each(scores: list[jax.Array], k: list, max_k: list[int]) -> list[jax.Array]:
-  """:func:`largest` of every flat array in ``scores`` with its own ``k`` and
-  ``max_k``: the same sets, from :func:`largest_in_segments` of their concatenation."""
-  if len(scores) < 2:
-    return [largest(s, kk, m) for s, kk, m in zip(scores, k, max_k)]
-  sizes = [int(s.size) for s in scores]
-  flat = jnp.concatenate([s.reshape(-1).astype(jnp.float32) for s in scores])
-  picked = largest_in_segments(flat, jnp.stack([jnp.asarray(kk, jnp.int32) for kk in k]),
-                               sizes, max_k)
-  return [p.reshape(s.shape) for p, s in
-          zip(jnp.split(picked, np.cumsum(sizes)[:-1].tolist()), scores)]
-
-
 def largest_in_segments(scores: jax.Array, k: jax.Array, sizes: list[int],
                         max_k: list[int]) -> jax.Array:
   """:func:`largest` on each segment of the flat ``scores`` (``sizes``: the segments'

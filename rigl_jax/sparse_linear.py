@@ -11,6 +11,10 @@ A masked kernel ``W`` (fan_in, fan_out) is stored as one of:
   and their block-row indices, ``values [n_cols, k, R, C]``, ``rows [n_cols, k]``
   (padded to the column holding the most blocks). ``y[:, c] = sum_j x[:, rows[c, j]]
   @ values[c, j]``: a gather of whole R-wide input slices and one batched matmul.
+* :class:`NativeCondensed`: a condensed form with uint16 indices, run at batch 1 by
+  the C++ kernel of `rigl_jax.native` (built on first use where a C++ compiler
+  is found), its rows split across XLA's CPU threads. XLA runs the condensed
+  gather on about one core; this is what beats a cached dense kernel at batch 1.
 * the dense kernel (``x @ W``), which the trainer's eval step runs.
 
 Which is fastest depends on the layer, the batch and the machine (on 2 CPU cores:
@@ -34,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rigl_jax import native
 
 
 
@@ -94,6 +99,41 @@ def condensed_matmul(x: jax.Array, c: Condensed) -> jax.Array:
   return y.reshape(*lead, c.fan_out).astype(x.dtype)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NativeCondensed:
+  """:class:`Condensed` with uint16 indices, for the native kernel (module doc)."""
+  values: jax.Array                                       # [fan_out, k], float32
+  indices: jax.Array                                      # [fan_out, k], uint16
+  fan_in: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def fan_out(self) -> int:
+    return self.values.shape[0]
+
+
+def native_form(c: Condensed) -> NativeCondensed | None:
+  """``c`` for the native kernel, or None where it cannot run it (the kernel not
+  built here, weights not float32, or more than 65,536 inputs)."""
+  if c.values.dtype != jnp.float32 or c.fan_in > 1 << 16 or not native.available():
+    return None
+  return NativeCondensed(c.values, jnp.asarray(np.asarray(c.indices).astype(np.uint16)),
+                         c.fan_in)
+
+
+def native_matmul(x: jax.Array, c: NativeCondensed) -> jax.Array:
+  """``x @ W`` for ``x`` ``[..., fan_in]``: the native kernel for one row, XLA's
+  gather (as :func:`condensed_matmul`) for several."""
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, c.fan_in)
+  if x2.shape[0] == 1:
+    y = native.condensed_matvec(x2[0], c.values, c.indices)[None]
+  else:
+    gathered = x2.at[:, c.indices.astype(jnp.int32)].get(mode="promise_in_bounds")
+    y = jnp.sum(gathered * c.values[None], axis=-1)
+  return y.reshape(*lead, c.fan_out).astype(x.dtype)
+
+
 def blockify(kernel: np.ndarray, mask: np.ndarray, block: tuple[int, int]) -> Blocks:
   """The :class:`Blocks` form of a 2-D ``kernel`` whose ``mask`` is made of whole
   ``block`` = (R, C) tiles; raises ValueError when it is not."""
@@ -139,42 +179,69 @@ def product(form) -> Callable[[jax.Array, object], jax.Array]:
     return condensed_matmul
   if isinstance(form, Blocks):
     return block_matmul
+  if isinstance(form, NativeCondensed):
+    return native_matmul
   return dense_matmul
 
 
-def time_product(form, batch: int, *, repeats: int = 5, steps: int | None = None,
-                 dtype=jnp.float32) -> float:
-  """Median seconds of one product of ``form`` on a ``[batch, fan_in]`` input, as a
-  loop runs it: ``steps`` products one after another inside one jitted
-  ``lax.scan`` (each input depends on the last output), the weights passed as
-  arguments. Per-call timing would measure JAX's dispatch instead, which is most
-  of a small batch-1 product; compilation is excluded."""
-  fan_in = form.shape[0] if isinstance(form, (jax.Array, np.ndarray)) else form.fan_in
+def candidate_forms(dense: jax.Array, form) -> dict:
+  """The forms a layer may run in: ``{"dense": dense, "sparse": form}``, plus
+  ``"native"`` (:func:`native_form`) for a :class:`Condensed` form where the
+  native kernel runs. For :func:`fastest` to choose from."""
+  forms = {"dense": dense, "sparse": form}
+  if isinstance(form, Condensed):
+    fast = native_form(form)
+    if fast is not None:
+      forms["native"] = fast
+  return forms
+
+
+def time_products(forms: dict, batch: int, *, repeats: int = 5, steps: int | None = None,
+                  dtype=jnp.float32) -> dict[str, float]:
+  """Median seconds of one product of each form in ``forms`` (``{name: form}``, one
+  fan-in) on a ``[batch, fan_in]`` input, as a loop runs it: ``steps`` products one
+  after another inside one jitted ``lax.scan`` (each input depends on the last
+  output), the weights passed as arguments. Per-call timing would measure JAX's
+  dispatch instead, which is most of a small batch-1 product; compilation is
+  excluded. The forms' runs are interleaved, in alternating order, so a slow spell
+  of a shared machine falls on all of them."""
+  first = next(iter(forms.values()))
+  fan_in = first.shape[0] if isinstance(first, (jax.Array, np.ndarray)) else first.fan_in
   steps = steps or (32 if batch <= 8 else 2)
   xs = jnp.asarray(np.random.default_rng(0).standard_normal((steps, batch, fan_in)), dtype)
-  fn = product(form)
 
-  def run(weights, xs):
-    def step(carry, x):
-      y = fn(x + carry, weights)
-      return jnp.tanh(jnp.sum(y)).astype(x.dtype) * 1e-30, None
-    return jax.lax.scan(step, jnp.zeros((), dtype), xs)[0]
+  def scanned(fn):
+    def run(weights, xs):
+      def step(carry, x):
+        y = fn(x + carry, weights)
+        return jnp.tanh(jnp.sum(y)).astype(x.dtype) * 1e-30, None
+      return jax.lax.scan(step, jnp.zeros((), dtype), xs)[0]
+    return run
 
-  compiled = jax.jit(run).lower(form, xs).compile()
-  jax.block_until_ready(compiled(form, xs))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(form, xs))
-    samples.append((time.perf_counter() - start) / steps)
-  return float(np.median(samples))
+  compiled = {name: jax.jit(scanned(product(form))).lower(form, xs).compile()
+              for name, form in forms.items()}
+  for name, form in forms.items():
+    jax.block_until_ready(compiled[name](form, xs))
+  samples = {name: [] for name in forms}
+  names = list(forms)
+  for r in range(repeats):
+    for name in names if r % 2 == 0 else names[::-1]:
+      start = time.perf_counter()
+      jax.block_until_ready(compiled[name](forms[name], xs))
+      samples[name].append((time.perf_counter() - start) / steps)
+  return {name: float(np.median(t)) for name, t in samples.items()}
+
+
+def time_product(form, batch: int, **timing) -> float:
+  """:func:`time_products` of one form."""
+  return time_products({"form": form}, batch, **timing)["form"]
 
 
 def fastest(forms: dict, batch: int, **timing) -> tuple[str, dict[str, float]]:
   """The name of the fastest form in ``forms`` (``{"dense": kernel, ...}``) at
   ``batch``, and every form's seconds. A sparse form is chosen only when it beats
   the dense product, so a sparse layer never makes a model slower than dense."""
-  seconds = {name: time_product(form, batch, **timing) for name, form in forms.items()}
+  seconds = time_products(forms, batch, **timing)
   best = min(seconds, key=seconds.get)
   if "dense" in seconds and seconds[best] >= seconds["dense"]:
     best = "dense"

@@ -226,7 +226,8 @@ def test_format_2_stores_and_runs_each_structures_own_form(tmp_path, structure, 
     return  # the planned load times every layer: once is enough for the default suite
   # Planned for batch 1: each layer runs the faster of dense and its form, same logits.
   planned = export.load_exported(out, batch=1)
-  assert set(planned.layer_forms.values()) <= {"dense", form}
+  # (A condensed layer may run by the native kernel where it is built.)
+  assert set(planned.layer_forms.values()) <= {"dense", form, "Native" + form}
   np.testing.assert_allclose(np.asarray(planned.model_fn(x[:1])), masked_logits(run, x[:1]),
                              rtol=1e-4, atol=1e-4)
 

@@ -37,6 +37,11 @@ def always_sparse(forms, batch):
   return "sparse", {}
 
 
+def native_where_built(forms, batch):
+  del batch
+  return ("native" if "native" in forms else "sparse"), {}
+
+
 def test_the_step_computes_the_models_logits_in_both_forms(gru_run):
   run = export.load_run(gru_run)
   params = run.variables["params"]
@@ -44,10 +49,12 @@ def test_the_step_computes_the_models_logits_in_both_forms(gru_run):
   prompt = np.frombuffer(b"def f(x):\n  return", np.uint8).astype(np.int32)
   reference = np.asarray(run.model.apply({"params": masked}, prompt[None]))[0]
   readout = sum(1 for k in params if k.startswith("readout_"))
-  for inference, pick in (("dense", sample.sparse_linear.fastest), ("sparse", always_sparse)):
+  native = "NativeCondensed" if sample.sparse_linear.native.available() else "Condensed"
+  for inference, pick, forms in (("dense", sample.sparse_linear.fastest, {"dense"}),
+                                 ("sparse", always_sparse, {"Condensed"}),
+                                 ("sparse", native_where_built, {native})):
     products, chosen = sample.layer_products(params, run.masks, inference, pick=pick)
-    if inference == "sparse":  # every sparse matrix in its condensed form
-      assert set(chosen.values()) == {"Condensed"}, chosen
+    assert set(chosen.values()) == forms, chosen
     cell, logits_of = sample.make_cell(products, readout)
     w = sample.step_weights(masked, products)
     h = jnp.zeros((params["gru_recurrent"]["kernel"].shape[0],))

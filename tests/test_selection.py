@@ -96,7 +96,13 @@ def test_segmented_selection_equals_largest_per_segment(seed):
     arrays.append(jnp.asarray(np.zeros_like(a) if seed == 4 and i == 1 else a))
   k = [int(rng.integers(0, s + 1)) for s in sizes]
   max_k = [int(rng.integers(0, s + 1)) for s in sizes]
-  got = jax.jit(lambda a, kk: selection.largest_each(a, kk, max_k))(arrays, k)
+
+  def in_segments(arrays, kk):
+    flat = jnp.concatenate([a.reshape(-1) for a in arrays])
+    picked = selection.largest_in_segments(flat, jnp.asarray(kk, jnp.int32), sizes, max_k)
+    return jnp.split(picked, np.cumsum(sizes)[:-1].tolist())
+
+  got = jax.jit(in_segments)(arrays, k)
   for g, a, kk, m in zip(got, arrays, k, max_k):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(selection.largest(a, kk, m)))
 

@@ -67,8 +67,8 @@ def test_blockify_refuses_a_mask_of_partial_blocks():
 
 def test_fastest_never_picks_a_sparse_form_slower_than_dense(monkeypatch):
   times = {"dense": 2.0, "condensed": 3.0, "blocks": 2.0}
-  monkeypatch.setattr(sparse_linear, "time_product",
-                      lambda form, batch, **kw: times[form])
+  monkeypatch.setattr(sparse_linear, "time_products",
+                      lambda forms, batch, **kw: {n: times[f] for n, f in forms.items()})
   assert sparse_linear.fastest({k: k for k in times}, 1)[0] == "dense"  # a tie stays dense
   times["blocks"] = 1.0
   best, seconds = sparse_linear.fastest({k: k for k in times}, 1)
@@ -81,3 +81,67 @@ def test_fastest_never_picks_a_sparse_form_slower_than_dense(monkeypatch):
       {"dense": jnp.asarray(_masked(kernel, mask)),
        "condensed": sparse_linear.condense(kernel, mask)}, 1, repeats=2, steps=4)
   assert best in seconds and all(s > 0 for s in seconds.values())
+
+
+def _native_or_skip():
+  from rigl_jax import native  # pylint: disable=import-outside-toplevel
+  if not native.available():
+    pytest.skip(f"the native kernel is not built here: {native.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("fan_in,fan_out,k", [(768, 3072, 77),   # split across threads
+                                              (40, 7, 3),         # one thread, k < 4
+                                              (300, 1001, 31)])   # odd rows
+def test_native_kernel_computes_the_masked_dense_product(fan_in, fan_out, k):
+  _native_or_skip()
+  rng = np.random.default_rng(fan_out)
+  kernel = rng.standard_normal((fan_in, fan_out)).astype(np.float32)
+  mask = np.zeros((fan_in, fan_out), bool)
+  for o in range(fan_out):
+    mask[rng.choice(fan_in, k, replace=False), o] = True
+  mask[:, 1] = False  # an output with no input: padded, value 0 at index 0
+  form = sparse_linear.native_form(sparse_linear.condense(kernel, mask))
+  assert isinstance(form, sparse_linear.NativeCondensed) and form.indices.dtype == jnp.uint16
+  dense = _masked(kernel, mask)
+  for batch in (1, 3):  # one row: the kernel; several: XLA's gather
+    x = rng.standard_normal((batch, fan_in)).astype(np.float32)
+    y = jax.jit(sparse_linear.native_matmul)(jnp.asarray(x), form)
+    np.testing.assert_allclose(np.asarray(y), x @ dense, rtol=1e-4, atol=1e-4)
+  # In a loop, as generation runs it: each step's input is the last output (a
+  # contracting map, so float rounding is not amplified from step to step).
+  w = rng.standard_normal((fan_out, fan_in)).astype(np.float32) / (2 * np.sqrt(fan_out * k))
+
+  def run(product, weights, x):
+    def step(h, _):
+      return jnp.tanh(product(h, weights) @ w), None
+    return jax.lax.scan(step, x, None, length=5)[0]
+
+  x0 = jnp.asarray(rng.standard_normal((1, fan_in)), jnp.float32)
+  np.testing.assert_allclose(
+      np.asarray(jax.jit(lambda f, x: run(sparse_linear.native_matmul, f, x))(form, x0)),
+      np.asarray(jax.jit(lambda d, x: run(sparse_linear.dense_matmul, d, x))(
+          jnp.asarray(dense), x0)), rtol=1e-4, atol=1e-4)
+
+
+def test_planner_offers_the_native_form_only_where_it_runs(monkeypatch, tmp_path):
+  from rigl_jax import native  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  kernel, mask = rng.standard_normal((64, 32)).astype(np.float32), rng.random((64, 32)) < 0.2
+  condensed = sparse_linear.condense(kernel, mask)
+  dense = jnp.asarray(_masked(kernel, mask))
+  assert set(sparse_linear.candidate_forms(dense, condensed)) == (
+      {"dense", "sparse", "native"} if native.available() else {"dense", "sparse"})
+  blocks = sparse_linear.blockify(np.ones((8, 8), np.float32), np.ones((8, 8), bool), (4, 4))
+  assert set(sparse_linear.candidate_forms(dense, blocks)) == {"dense", "sparse"}
+  # Turned off, or with a compiler that fails: no native form, a reason, no exception.
+  monkeypatch.setenv("RIGL_JAX_CACHE", str(tmp_path))
+  for env, reason in (({"RIGL_JAX_NATIVE": "0"}, "RIGL_JAX_NATIVE=0"),
+                      ({"CXX": "false"}, "false failed")):
+    monkeypatch.setattr(native, "_status", {})
+    with monkeypatch.context() as m:
+      for name, value in env.items():
+        m.setenv(name, value)
+      assert not native.available() and reason in native.unavailable_reason()
+      assert sparse_linear.native_form(condensed) is None
+      assert set(sparse_linear.candidate_forms(dense, condensed)) == {"dense", "sparse"}
+  assert not any(tmp_path.rglob("*.so"))  # nothing half-built left in the cache
