@@ -188,5 +188,7 @@ def condensed_matvec(x: jax.Array, values: jax.Array, indices: jax.Array) -> jax
   """``y[o] = sum_j values[o, j] * x[indices[o, j]]``: ``x`` ``[fan_in]`` float32,
   ``values`` ``[fan_out, k]`` float32, ``indices`` ``[fan_out, k]`` uint16. Call
   only when :func:`available`."""
-  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((values.shape[0],), jnp.float32))(
+  # Under jax.vmap: one call per element (the kernel takes one row).
+  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((values.shape[0],), jnp.float32),
+                          vmap_method="sequential")(
       x.astype(jnp.float32), values, indices, min_part=_MIN_PART)

@@ -107,6 +107,10 @@ def test_native_kernel_computes_the_masked_dense_product(fan_in, fan_out, k):
     x = rng.standard_normal((batch, fan_in)).astype(np.float32)
     y = jax.jit(sparse_linear.native_matmul)(jnp.asarray(x), form)
     np.testing.assert_allclose(np.asarray(y), x @ dense, rtol=1e-4, atol=1e-4)
+  # Under vmap (one kernel call per row).
+  xs = rng.standard_normal((3, 1, fan_in)).astype(np.float32)
+  y = jax.jit(jax.vmap(lambda x: sparse_linear.native_matmul(x, form)))(jnp.asarray(xs))
+  np.testing.assert_allclose(np.asarray(y)[:, 0], xs[:, 0] @ dense, rtol=1e-4, atol=1e-4)
   # In a loop, as generation runs it: each step's input is the last output (a
   # contracting map, so float rounding is not amplified from step to step).
   w = rng.standard_normal((fan_out, fan_in)).astype(np.float32) / (2 * np.sqrt(fan_out * k))

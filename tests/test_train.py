@@ -169,6 +169,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path, signum):
   assert 0 < step < 100000
 
 
+@pytest.mark.slow  # 11 s; test_transform's two-device test stays in the default suite
 def test_two_devices_match_one(tmp_path):
   args = ("--config.num_train_steps=30", "--config.log_every=10")
   one = run_main(tmp_path / "one", *args)
