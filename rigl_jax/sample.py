@@ -14,9 +14,12 @@ run in progress can be sampled from.
 The whole loop (the prompt, then ``length`` steps of one byte each) is one jitted
 ``lax.scan``: batch 1, no dispatch per character, the case where a sparse layer
 can beat a dense one on a CPU (its product reads a tenth of the weights).
-``--inference=sparse`` runs each masked matrix in the sparse form of its mask
-(`rigl_jax.sparse_linear`) where that measures faster than the dense product at
-batch 1, and densely otherwise; ``dense`` runs the masked dense kernels as the
+``--inference=sparse`` runs masked matrices in the sparse form of their masks
+(`rigl_jax.sparse_linear`; the native kernel where it builds): it times a short
+generation loop (``PLAN_LENGTH`` bytes) for each plan of ``PLANS`` (each matrix
+picked alone by its batch-1 timing, every masked matrix sparse, all dense) and
+runs the fastest, never one slower than the dense loop; the JSON line gives each
+plan's chars/s under ``plans``. ``dense`` runs the masked dense kernels as the
 trainer's evaluation does. Both compute the same function (the same products,
 summed in another order): greedy decoding (``--temperature=0``, the default)
 prints the same text either way, barring an exact near-tie of two logits.
@@ -151,33 +154,79 @@ def make_generate(products: dict, readout_layers: int) -> Callable:
   return jax.jit(generate, static_argnums=2)
 
 
+# The whole-loop plans `--inference=sparse` times (a matrix timed alone mispredicts
+# it inside the loop: on a 90% constant fan-in char_gru the per-layer pick kept the
+# input projection dense and ran at dense speed, every matrix sparse ran 1.36x).
+PLANS = ("per_layer", "sparse_everywhere", "dense")
+PLAN_LENGTH = 256  # bytes generated to time each plan
+
+
+def _sparse_everywhere(forms, batch):
+  del batch
+  return ("native" if "native" in forms else "sparse"), {}
+
+
+def _generate_timed(params: dict, masks, products: dict, prompt_ids, length: int, key,
+                    temperature, repeats: int):
+  """``(bytes, median seconds)`` of the compiled generation loop with ``products``."""
+  readout = sum(1 for k in params if k.startswith("readout_"))
+  generate = make_generate(products, readout)
+  weights = step_weights(_masked(params, masks), products)
+  compiled = generate.lower(weights, prompt_ids, length, key, temperature).compile()
+  times = []
+  for _ in range(repeats):  # the same bytes each time (a pure function of the seed)
+    start = time.perf_counter()
+    out = np.asarray(jax.block_until_ready(compiled(weights, prompt_ids, key, temperature)))
+    times.append(time.perf_counter() - start)
+  return out, float(np.median(times))
+
+
 def sample(workdir: str, prompt: str, length: int, *, temperature: float = 0.0,
            seed: int = 0, inference: str = "sparse", repeats: int = 3) -> dict:
   """Generates ``length`` bytes after ``prompt`` from the run in ``workdir``; returns
-  ``{"text", "chars_per_s", "inference", "layers", "seconds"}`` (``seconds``: the
-  median of ``repeats`` runs of the compiled loop)."""
+  ``{"text", "chars_per_s", "inference", "layers", "seconds", "plans"}`` (``seconds``:
+  the median of ``repeats`` runs of the compiled loop).
+
+  ``sparse`` times whole generation loops (:data:`PLAN_LENGTH` bytes, medians of 3)
+  for each of :data:`PLANS` and runs the fastest, never one slower than the dense
+  loop: the matrices picked one by one (`layer_products`), every masked matrix in
+  its sparse form (the native kernel where it runs), and all dense. ``plans`` holds
+  their chars/s."""
   from rigl_jax import export  # pylint: disable=import-outside-toplevel
   run = export.load_run(workdir)
   if run.config.model not in GRU_MODELS:
     raise export.ExportError(f"config.model: sampling supports {', '.join(GRU_MODELS)}; the "
                              f"run in {workdir!r} trained {run.config.model!r}")
   params = run.variables["params"]
-  products, chosen = layer_products(params, run.masks, inference)
-  readout = sum(1 for k in params if k.startswith("readout_"))
-  generate = make_generate(products, readout)
-  weights = step_weights(_masked(params, run.masks), products)
   prompt_ids = jnp.asarray(np.frombuffer(prompt.encode("utf-8"), np.uint8).astype(np.int32))
   key, temp = jax.random.key(seed), jnp.float32(temperature)
-  compiled = generate.lower(weights, prompt_ids, length, key, temp).compile()
-  times = []
-  for _ in range(repeats):  # the same bytes each time (a pure function of the seed)
-    start = time.perf_counter()
-    out = np.asarray(jax.block_until_ready(compiled(weights, prompt_ids, key, temp)))
-    times.append(time.perf_counter() - start)
-  seconds = float(np.median(times))
+  makers = {
+      "dense": lambda: layer_products(params, run.masks, "dense"),
+      "per_layer": lambda: layer_products(params, run.masks, "sparse"),
+      "sparse_everywhere": lambda: layer_products(params, run.masks, "sparse",
+                                                  pick=_sparse_everywhere)}
+  plans = {}
+  for name in PLANS if inference == "sparse" and run.masks is not None else ("dense",):
+    products = makers[name]()
+    if all(products[1] != other[1] for other in plans.values()):  # a new assignment
+      plans[name] = products
+  plan_speed = {}
+  if len(plans) > 1:
+    for name, (products, _) in plans.items():
+      plan_speed[name] = PLAN_LENGTH / _generate_timed(
+          params, run.masks, products, prompt_ids, PLAN_LENGTH, key, temp, 3)[1]
+    best = max(plan_speed, key=plan_speed.get)
+    if "dense" in plan_speed and plan_speed[best] <= plan_speed["dense"]:
+      best = "dense"
+  else:
+    best = next(iter(plans))
+  products, chosen = plans[best]
+  out, seconds = _generate_timed(params, run.masks, products, prompt_ids, length, key, temp,
+                                 repeats)
   text = prompt + bytes(out.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
   return {"text": text, "chars_per_s": length / seconds, "inference": inference,
-          "layers": chosen, "seconds": seconds}
+          "layers": chosen, "seconds": seconds,
+          "plans": {name: round(v, 1) for name, v in plan_speed.items()}}
 
 
 def main(argv) -> None:
@@ -199,7 +248,8 @@ def main(argv) -> None:
     cli.fail(e)
   print(result["text"])
   print(json.dumps({"chars_per_s": round(result["chars_per_s"], 1),
-                    "inference": result["inference"], "layers": result["layers"]}))
+                    "inference": result["inference"], "layers": result["layers"],
+                    "plans": result["plans"]}))
   sys.stdout.flush()
 
 

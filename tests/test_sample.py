@@ -68,11 +68,13 @@ def test_the_step_computes_the_models_logits_in_both_forms(gru_run):
 @pytest.mark.slow
 def test_sparse_and_dense_generate_the_same_text(gru_run, monkeypatch):
   monkeypatch.setattr(sample.sparse_linear, "fastest", always_sparse)
+  monkeypatch.setattr(sample, "PLANS", ("per_layer",))  # every matrix condensed, no timing
   results = {inference: sample.sample(gru_run, "import ", 64, inference=inference, repeats=1)
              for inference in sample.INFERENCE}
   assert results["sparse"]["text"] == results["dense"]["text"]
   assert results["sparse"]["text"].startswith("import ")
   assert set(results["sparse"]["layers"].values()) == {"Condensed"}
+  assert results["sparse"]["plans"] == {} == results["dense"]["plans"]
   assert set(results["dense"]["layers"].values()) == {"dense"}
   # Sampling: a pure function of the seed.
   a = sample.sample(gru_run, "x", 32, temperature=1.0, seed=3, repeats=1)["text"]
@@ -99,3 +101,15 @@ def test_command_line_prints_text_then_one_json_line_and_refuses_bad_input(gru_r
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(expected), \
         proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sparse_inference_runs_the_fastest_whole_loop_never_slower_than_dense(gru_run):
+  result = sample.sample(gru_run, "x", 16, inference="sparse", repeats=1)
+  plans = result["plans"]
+  assert len(plans) >= 2 and set(plans) <= set(sample.PLANS)
+  # The chosen plan is the fastest of the timed loops, or dense when none beats it.
+  best = max(plans, key=plans.get)
+  if "dense" in plans and plans[best] <= plans["dense"]:
+    assert set(result["layers"].values()) == {"dense"}
+  else:
+    assert set(result["layers"].values()) != {"dense"}
