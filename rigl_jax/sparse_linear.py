@@ -31,6 +31,7 @@ JAX and numpy only.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable
 
@@ -124,14 +125,10 @@ def native_form(c: Condensed) -> NativeCondensed | None:
 def native_matmul(x: jax.Array, c: NativeCondensed) -> jax.Array:
   """``x @ W`` for ``x`` ``[..., fan_in]``: the native kernel for one row, XLA's
   gather (as :func:`condensed_matmul`) for several."""
-  lead = x.shape[:-1]
-  x2 = x.reshape(-1, c.fan_in)
-  if x2.shape[0] == 1:
-    y = native.condensed_matvec(x2[0], c.values, c.indices)[None]
-  else:
-    gathered = x2.at[:, c.indices.astype(jnp.int32)].get(mode="promise_in_bounds")
-    y = jnp.sum(gathered * c.values[None], axis=-1)
-  return y.reshape(*lead, c.fan_out).astype(x.dtype)
+  if math.prod(x.shape[:-1]) != 1:
+    return condensed_matmul(x, Condensed(c.values, c.indices.astype(jnp.int32), c.fan_in))
+  y = native.condensed_matvec(x.reshape(c.fan_in), c.values, c.indices)
+  return y.reshape(*x.shape[:-1], c.fan_out).astype(x.dtype)
 
 
 def blockify(kernel: np.ndarray, mask: np.ndarray, block: tuple[int, int]) -> Blocks:
@@ -242,7 +239,11 @@ def fastest(forms: dict, batch: int, **timing) -> tuple[str, dict[str, float]]:
   ``batch``, and every form's seconds. A sparse form is chosen only when it beats
   the dense product, so a sparse layer never makes a model slower than dense."""
   seconds = time_products(forms, batch, **timing)
+  return fastest_of(seconds), seconds
+
+
+def fastest_of(seconds: dict[str, float]) -> str:
+  """The name with the fewest ``seconds``; ``"dense"`` (where present) unless
+  another is strictly faster."""
   best = min(seconds, key=seconds.get)
-  if "dense" in seconds and seconds[best] >= seconds["dense"]:
-    best = "dense"
-  return best, seconds
+  return "dense" if "dense" in seconds and seconds[best] >= seconds["dense"] else best
