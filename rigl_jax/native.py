@@ -1,9 +1,11 @@
 """A native (C++) kernel for XLA:CPU, built on first use: the batch-1 constant fan-in product.
 
 ``y[o] = sum_j values[o, j] * x[indices[o, j]]`` with uint16 indices, its rows split
-between the calling thread and XLA's own CPU thread pool (an XLA FFI custom call,
-``jax.ffi``). XLA:CPU runs the same gather on one core at about the rate of a plain
-C loop (``benchmarks/bench_gather_limit.py``); splitting it is what makes a cached
+between the calling thread and a helper thread of its own (two parts; it polls
+for the next call for 200 us before it sleeps) or XLA's own CPU thread pool (more
+parts, or the helper busy): an XLA FFI custom call, ``jax.ffi``. XLA:CPU runs
+the same gather on one core at about the rate of a plain C loop
+(``benchmarks/bench_gather_limit.py``); splitting it is what makes a cached
 768x3072 layer at 90% faster than its dense product at batch 1.
 
 The kernel is compiled once per machine with the C++ compiler found (``$CXX``,
@@ -29,13 +31,18 @@ import jax.numpy as jnp
 
 TARGET = "rigl_jax_condensed_matvec"
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-shared", "-fPIC", "-w")
-# Below this many kept weights one thread does it (waking a second costs more).
-_MIN_PART = 16384
+# Below this many kept weights one thread does it (waking a second costs more;
+# 8192 ran char_gru's generation loop faster than 16384: its 18k-weight readout splits).
+_MIN_PART = 8192
 
 SOURCE = r"""
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -58,6 +65,90 @@ static void Rows(const float* x, const float* v, const uint16_t* idx, float* y,
     y[o] = (a0 + a1) + (a2 + a3);
   }
 }
+
+// A second thread of our own for two-way splits, the common case at batch 1 on a
+// small machine: handing a part to XLA's pool wakes a sleeping thread on every
+// call (about 5 us, as much as the part itself on a 512x1536 layer). This one
+// polls for the next job for a while after each (a generation loop calls every
+// few microseconds) and sleeps only after kSpin of no work. One job at a time:
+// a caller that finds it busy (another call running concurrently) uses the pool.
+class Helper {
+ public:
+  static Helper& Get() {
+    static Helper* helper = new Helper();  // never destroyed: the thread lives on
+    return *helper;
+  }
+
+  // Hands rows [begin, end) to the helper; false when it is busy with another job.
+  bool Offer(const float* x, const float* v, const uint16_t* idx, float* y,
+             int64_t begin, int64_t end, int64_t k) {
+    bool expected = false;
+    if (!started_ || !busy_.compare_exchange_strong(expected, true)) return false;
+    x_ = x; v_ = v; idx_ = idx; y_ = y; begin_ = begin; end_ = end; k_ = k;
+    done_.store(false);
+    claimed_.store(false);
+    seq_.fetch_add(1);
+    if (sleeping_.load()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      cv_.notify_one();
+    }
+    return true;
+  }
+
+  // After the caller's own part: the offered part run here if the helper has not
+  // claimed it (so a call never waits on a thread that is not running), else awaited.
+  void Finish() {
+    if (!claimed_.exchange(true)) {
+      Rows(x_, v_, idx_, y_, begin_, end_, k_);
+    } else {
+      while (!done_.load(std::memory_order_acquire)) {
+      }
+    }
+    busy_.store(false);
+  }
+
+ private:
+  static constexpr auto kSpin = std::chrono::microseconds(200);
+
+  Helper() {
+    try {
+      std::thread([this] { Loop(); }).detach();
+      started_ = true;
+    } catch (...) {  // no thread to be had: every split goes to the pool
+    }
+  }
+
+  void Loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      auto idle_since = std::chrono::steady_clock::now();
+      while (seq_.load() == seen) {
+        if (std::chrono::steady_clock::now() - idle_since > kSpin) {
+          std::unique_lock<std::mutex> lock(mu_);
+          sleeping_.store(true);
+          cv_.wait(lock, [&] { return seq_.load() != seen; });
+          sleeping_.store(false);
+        }
+      }
+      seen = seq_.load();
+      if (!claimed_.exchange(true)) {
+        Rows(x_, v_, idx_, y_, begin_, end_, k_);
+        done_.store(true, std::memory_order_release);
+      }
+    }
+  }
+
+  bool started_ = false;
+  std::atomic<bool> busy_{false}, claimed_{true}, done_{true}, sleeping_{false};
+  std::atomic<uint64_t> seq_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  const float* x_ = nullptr;
+  const float* v_ = nullptr;
+  const uint16_t* idx_ = nullptr;
+  float* y_ = nullptr;
+  int64_t begin_ = 0, end_ = 0, k_ = 0;
+};
 
 // Parts 1.. of the rows: each run by whichever thread claims it first (a pool
 // thread or the caller), so the call finishes even if the pool never runs a task.
@@ -89,6 +180,11 @@ static ffi::Error Impl(ffi::ThreadPool pool, int64_t min_part, ffi::Buffer<ffi::
   n = n < fan_out ? n : fan_out;
   if (n <= 1) {
     Rows(xp, vp, ip, yp, 0, fan_out, k);
+    return ffi::Error::Success();
+  }
+  if (n == 2 && Helper::Get().Offer(xp, vp, ip, yp, fan_out / 2, fan_out, k)) {
+    Rows(xp, vp, ip, yp, 0, fan_out / 2, k);
+    Helper::Get().Finish();
     return ffi::Error::Success();
   }
   auto bound = [=](int64_t i) { return fan_out * i / n; };

@@ -132,27 +132,44 @@ def make_cell(products: dict, readout_layers: int):
   return cell, logits_of
 
 
+# Steps whose sampling noise is drawn at once: on CPU each threefry call runs two
+# rolled loops (about 6 us), more than a sparse GRU step's products; drawn per
+# chunk, it costs a fraction of that per byte.
+NOISE_CHUNK = 64
+
+
 def make_generate(products: dict, readout_layers: int) -> Callable:
-  """``generate(w, prompt [P] int32, steps, key, temperature) -> bytes [steps]
-  int32``, jitted (``steps`` static; ``w``: :func:`step_weights`): the GRU over
-  the prompt, then one sampled byte per step fed back in. Greedy when
-  ``temperature`` is 0."""
+  """``generate(w, prompt [P] int32, steps, key, temperature, greedy) -> bytes
+  [steps] int32``, jitted (``steps`` and ``greedy`` static; ``w``:
+  :func:`step_weights`): the GRU over the prompt, then one byte per step fed back
+  in: the argmax of the logits when ``greedy`` (no random numbers drawn), else a
+  sample of ``softmax(logits / temperature)`` (the Gumbel-max trick, the noise for
+  :data:`NOISE_CHUNK` steps drawn at once from ``fold_in(key, chunk)``)."""
   cell, logits_of = make_cell(products, readout_layers)
 
-  def generate(w, prompt, steps, key, temperature):
+  def generate(w, prompt, steps, key, temperature, greedy):
     h0 = jnp.zeros((w["biases"]["gru_recurrent"].shape[0] // 3,), w["embed"].dtype)
     h = jax.lax.scan(lambda h, b: (cell(w, h, b), None), h0, prompt)[0]
 
-    def step(h, t):
+    def step(h, noise):
       logits = logits_of(w, h)
-      sampled = jax.random.categorical(jax.random.fold_in(key, t),
-                                       logits / jnp.maximum(temperature, 1e-6))
-      byte = jnp.where(temperature > 0, sampled, jnp.argmax(logits)).astype(jnp.int32)
+      if not greedy:
+        logits = logits / temperature + noise
+      byte = jnp.argmax(logits).astype(jnp.int32)
       return cell(w, h, byte), byte
 
-    return jax.lax.scan(step, h, jnp.arange(steps))[1]
+    if greedy:
+      return jax.lax.scan(step, h, None, length=steps)[1]
 
-  return jax.jit(generate, static_argnums=2)
+    def chunk(h, c):
+      noise = jax.random.gumbel(jax.random.fold_in(key, c), (NOISE_CHUNK, w["embed"].shape[0]),
+                                w["embed"].dtype)
+      return jax.lax.scan(step, h, noise)
+
+    chunks = -(-steps // NOISE_CHUNK)
+    return jax.lax.scan(chunk, h, jnp.arange(chunks))[1].reshape(-1)[:steps]
+
+  return jax.jit(generate, static_argnums=(2, 5))
 
 
 # The whole-loop plans `--inference=sparse` times (a matrix timed alone mispredicts
@@ -167,17 +184,44 @@ def _sparse_everywhere(forms, batch):
   return ("native" if "native" in forms else "sparse"), {}
 
 
-def _generate_timed(params: dict, masks, products: dict, prompt_ids, length: int, key,
-                    temperature, repeats: int):
-  """``(bytes, median seconds)`` of the compiled generation loop with ``products``."""
+def inference_plans(params: dict, masks, inference: str) -> dict:
+  """``{plan: (products, {layer: form name})}``: for ``sparse`` (with masks) each of
+  :data:`PLANS` that assigns the forms differently from those before it; else
+  ``dense`` alone."""
+  makers = {
+      "dense": lambda: layer_products(params, masks, "dense"),
+      "per_layer": lambda: layer_products(params, masks, "sparse"),
+      "sparse_everywhere": lambda: layer_products(params, masks, "sparse",
+                                                  pick=_sparse_everywhere)}
+  plans = {}
+  for name in PLANS if inference == "sparse" and masks is not None else ("dense",):
+    products = makers[name]()
+    if all(products[1] != other[1] for other in plans.values()):  # a new assignment
+      plans[name] = products
+  return plans
+
+
+def compiled_loop(params: dict, masks, products: dict, prompt_ids, length: int, key,
+                  temperature) -> Callable[[], np.ndarray]:
+  """The generation loop with ``products``, compiled: a call returns its ``length``
+  bytes (the same each time: a pure function of the seed)."""
   readout = sum(1 for k in params if k.startswith("readout_"))
   generate = make_generate(products, readout)
   weights = step_weights(_masked(params, masks), products)
-  compiled = generate.lower(weights, prompt_ids, length, key, temperature).compile()
+  compiled = generate.lower(weights, prompt_ids, length, key, temperature,
+                            bool(temperature <= 0)).compile()
+  return lambda: np.asarray(jax.block_until_ready(compiled(weights, prompt_ids, key,
+                                                           temperature)))
+
+
+def _generate_timed(params: dict, masks, products: dict, prompt_ids, length: int, key,
+                    temperature, repeats: int):
+  """``(bytes, median seconds)`` of the compiled generation loop with ``products``."""
+  loop = compiled_loop(params, masks, products, prompt_ids, length, key, temperature)
   times = []
-  for _ in range(repeats):  # the same bytes each time (a pure function of the seed)
+  for _ in range(repeats):
     start = time.perf_counter()
-    out = np.asarray(jax.block_until_ready(compiled(weights, prompt_ids, key, temperature)))
+    out = loop()
     times.append(time.perf_counter() - start)
   return out, float(np.median(times))
 
@@ -201,16 +245,7 @@ def sample(workdir: str, prompt: str, length: int, *, temperature: float = 0.0,
   params = run.variables["params"]
   prompt_ids = jnp.asarray(np.frombuffer(prompt.encode("utf-8"), np.uint8).astype(np.int32))
   key, temp = jax.random.key(seed), jnp.float32(temperature)
-  makers = {
-      "dense": lambda: layer_products(params, run.masks, "dense"),
-      "per_layer": lambda: layer_products(params, run.masks, "sparse"),
-      "sparse_everywhere": lambda: layer_products(params, run.masks, "sparse",
-                                                  pick=_sparse_everywhere)}
-  plans = {}
-  for name in PLANS if inference == "sparse" and run.masks is not None else ("dense",):
-    products = makers[name]()
-    if all(products[1] != other[1] for other in plans.values()):  # a new assignment
-      plans[name] = products
+  plans = inference_plans(params, run.masks, inference)
   plan_seconds = {}
   if len(plans) > 1:
     plan_seconds = {name: _generate_timed(params, run.masks, products, prompt_ids, PLAN_LENGTH,

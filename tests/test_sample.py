@@ -83,6 +83,35 @@ def test_sparse_and_dense_generate_the_same_text(gru_run, monkeypatch):
   assert a == b and a != c
 
 
+def test_sampling_draws_bytes_from_softmax_of_logits_over_temperature():
+  # Zero kernels: every step's logits are the same, readout bias @ embedding.T, so
+  # the sampled bytes are independent draws from softmax(logits / T). 3000 steps
+  # is not a multiple of the noise chunk.
+  rng = np.random.default_rng(0)
+  vocab, dim, hidden = 8, 4, 6
+  embed = rng.normal(size=(vocab, dim)).astype(np.float32)
+  zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
+  products = {name: (sample.sparse_linear.dense_matmul, zeros(n_in, n_out)) for name, n_in, n_out in
+              (("gru_input", dim, 3 * hidden), ("gru_recurrent", hidden, 3 * hidden),
+               ("readout_0", hidden, dim))}
+  bias = jnp.asarray(rng.normal(size=(dim,)).astype(np.float32))
+  w = {"embed": jnp.asarray(embed), "kernels": {k: v for k, (_, v) in products.items()},
+       "biases": {"gru_input": zeros(3 * hidden), "gru_recurrent": zeros(3 * hidden),
+                  "readout_0": bias}}
+  generate = sample.make_generate(products, 1)
+  prompt, key, steps = jnp.zeros((1,), jnp.int32), jax.random.key(0), 3000
+  for temperature in (0.5, 2.0):
+    out = np.asarray(generate(w, prompt, steps, key, jnp.float32(temperature), False))
+    assert out.shape == (steps,)
+    expected = np.asarray(jax.nn.softmax(embed @ np.asarray(bias) / temperature))
+    counts = np.bincount(out, minlength=vocab)
+    # Each count within 4.5 standard deviations of its binomial mean.
+    np.testing.assert_array_less(np.abs(counts - steps * expected),
+                                 4.5 * np.sqrt(steps * expected * (1 - expected)) + 1)
+  greedy = np.asarray(generate(w, prompt, 50, key, jnp.float32(0), True))
+  assert (greedy == np.argmax(embed @ np.asarray(bias))).all()
+
+
 @pytest.mark.slow
 def test_command_line_prints_text_then_one_json_line_and_refuses_bad_input(gru_run, tmp_path):
   base = [sys.executable, "-m", "rigl_jax.sample", f"--workdir={gru_run}"]

@@ -134,6 +134,39 @@ def test_native_kernel_computes_the_masked_dense_product(fan_in, fan_out, k):
           jnp.asarray(dense), x0)), rtol=1e-4, atol=1e-4)
 
 
+def test_native_kernel_is_right_when_called_from_several_threads_at_once():
+  # Two-way splits go to one helper thread, one job at a time; a call that finds
+  # it busy splits over XLA's pool instead. Four Python threads (JAX releases the
+  # GIL while a computation runs) each run their own layer in a loop.
+  _native_or_skip()
+  import threading  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(7)
+  jobs = []
+  for t in range(4):
+    fan_in, fan_out, k = 256 + 64 * t, 1024 + 8 * t, 24  # >= 2 x 8192 kept: a split
+    kernel = rng.standard_normal((fan_in, fan_out)).astype(np.float32)
+    mask = np.zeros((fan_in, fan_out), bool)
+    for o in range(fan_out):
+      mask[rng.choice(fan_in, k, replace=False), o] = True
+    form = sparse_linear.native_form(sparse_linear.condense(kernel, mask))
+    xs = rng.standard_normal((50, 1, fan_in)).astype(np.float32)
+    jobs.append((form, xs, xs[:, 0] @ _masked(kernel, mask)))
+  product = jax.jit(sparse_linear.native_matmul)
+  results = [None] * len(jobs)
+
+  def run(t):
+    form, xs, _ = jobs[t]
+    results[t] = np.stack([np.asarray(product(jnp.asarray(x), form))[0] for x in xs])
+
+  threads = [threading.Thread(target=run, args=(t,)) for t in range(len(jobs))]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(timeout=120)
+  for (_, _, expected), got in zip(jobs, results):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_planner_offers_the_native_form_only_where_it_runs(monkeypatch, tmp_path):
   from rigl_jax import native  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
