@@ -214,33 +214,18 @@ class DropAndGrow(Method):
     layouts = structure_lib.layout_leaves(ctx.layouts, treedef)
     new_masks = list(leaves)
     plain = []  # unstructured sparse layers: their selections run together (below)
-    # Likewise the layer-wide drops of constant fan-in and N:M layers. Blocks rank
-    # 16x fewer units: their per-layer selections compile faster than the joint one.
-    structured, one_by_one = [], []
     for i, (mask, weight, score, s, layout) in enumerate(
         zip(leaves, weights, score_leaves, sparsities, layouts)):
       if s == 0.0:  # dense layers are never touched
         continue
       if not _is_plain(layout):
-        (one_by_one if layout.structure.kind == "block" else structured).append(i)
+        new_masks[i] = structure_lib.drop_and_grow(
+            mask, weight, score_fn(score), layout, s, ctx.drop_fraction, ctx.max_drop_fraction)
         continue
       n_active = masks_lib.num_active(mask.size, s)
       max_drop = min(n_active, math.ceil(ctx.max_drop_fraction * n_active))
       n_drop = jnp.floor(ctx.drop_fraction * n_active).astype(jnp.int32)
       plain.append((i, n_drop, max_drop))
-    if len(structured) < GROUP_MIN_LAYERS:
-      one_by_one, structured = one_by_one + structured, []
-    if structured:
-      new = structure_lib.drop_and_grow_all(
-          [leaves[i] for i in structured], [weights[i] for i in structured],
-          [score_fn(score_leaves[i]) for i in structured], [layouts[i] for i in structured],
-          [sparsities[i] for i in structured], ctx.drop_fraction, ctx.max_drop_fraction)
-      for i, mask in zip(structured, new):
-        new_masks[i] = mask
-    for i in one_by_one:
-      new_masks[i] = structure_lib.drop_and_grow(
-          leaves[i], weights[i], score_fn(score_leaves[i]), layouts[i], sparsities[i],
-          ctx.drop_fraction, ctx.max_drop_fraction)
     if len(plain) >= GROUP_MIN_LAYERS:
       ids, n_drops, max_drops = zip(*plain)
       new = _drop_and_grow_all([leaves[i] for i in ids], [weights[i] for i in ids],

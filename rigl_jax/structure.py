@@ -373,46 +373,6 @@ def drop_and_grow(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
   return layout.from_units(grown)
 
 
-def drop_and_grow_all(masks: list, weights: list, grow_scores: list, layouts: list,
-                      sparsities: list, drop_fraction: jax.Array,
-                      max_drop_fraction: float) -> list:
-  """:func:`drop_and_grow` of every layer, the same masks: the layer-wide drops of
-  all layers (each stacked slice its own) run as one segmented selection
-  (`selection.largest_in_segments`, as unstructured RigL's many-layer update
-  does), then each layer regrows its groups. On CPU one selection per layer cost
-  a conv net's update 1.5-1.7x the unstructured one."""
-  units, magnitudes, sizes, k, bounds, counts = [], [], [], [], [], []
-  for mask, weight, layout, s in zip(masks, weights, layouts, sparsities):
-    n_groups, _ = layout.groups()
-    c = layout.group_count(s)
-    n_active = c * n_groups
-    mask_u = layout.to_units(mask)
-    units.append(mask_u)
-    magnitudes.append(layout.to_units(jnp.abs(weight).astype(jnp.float32)))
-    max_drop = min(n_active, math.ceil(max_drop_fraction * n_active))
-    n_drop = jnp.floor(drop_fraction * n_active).astype(jnp.int32)
-    per_slice = mask_u.size // layout.n_layers
-    sizes += [per_slice] * layout.n_layers
-    k += [n_drop] * layout.n_layers
-    bounds += [max_drop] * layout.n_layers
-    counts.append((c, max_drop))
-  flat_mask = jnp.concatenate([u.reshape(-1) for u in units])
-  flat_magnitude = jnp.concatenate([m.reshape(-1) for m in magnitudes])
-  picked = selection.largest_in_segments(selection.drop_scores(flat_mask, flat_magnitude),
-                                         jnp.stack(k), sizes, bounds)
-  kept = flat_mask & ~picked
-  out, start = [], 0
-  for mask_u, score, layout, (c, max_drop) in zip(units, grow_scores, layouts, counts):
-    dropped = kept[start:start + mask_u.size].reshape(mask_u.shape)
-    start += mask_u.size
-    score_u = layout.to_units(score.astype(jnp.float32))
-    need = jnp.maximum(c - dropped.sum(1, dtype=jnp.int32), 0)
-    grown = dropped | selection.largest_along(selection.grow_scores(dropped, score_u), need,
-                                              min(c, max_drop))
-    out.append(layout.from_units(grown))
-  return out
-
-
 def describe(mask: np.ndarray, structure, stack_axes: int = 0) -> dict | None:
   """What a finished mask holds under ``structure``, checked: ``{"structure": name,
   "group_count": c, "active_groups": g}`` when every group holds ``c`` or 0 active

@@ -422,31 +422,3 @@ def test_a_run_from_before_the_structure_fields_resumes(tmp_path):
   c.structure = "2:4"
   with pytest.raises(config_lib.ConfigError, match="config.structure: the workdir"):
     train.train_and_evaluate(c, str(tmp_path))  # a real difference is still refused
-
-
-@pytest.mark.parametrize("structure,sparsity", [("constant_fan_in", 0.9), ("2:4", 0.5)])
-def test_many_structured_layers_drop_together_with_the_same_masks(structure, sparsity,
-                                                                  monkeypatch):
-  # From GROUP_MIN_LAYERS layers on, the layer-wide drops run as one segmented
-  # selection (each stacked slice its own segment): the masks of one per layer.
-  rng = np.random.default_rng(0)
-  shapes = [(3, 3, 8, 16)] * 4 + [(3, 3, 16, 16)] * 3 + [(32, 24), (24, 8), (2, 16, 16)]
-  params = {f"l{i}": {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)}
-            for i, s in enumerate(shapes)}
-  grads = lambda i: jax.tree.map(lambda p: jnp.sin(p * (i + 2.0)), params)
-  masks = []
-  for group_min in (len(shapes) + 1, len(shapes)):  # one per layer, then together
-    monkeypatch.setattr(rigl_jax.methods, "GROUP_MIN_LAYERS", group_min)
-    tx = rigl_jax.sparse_training(optax.sgd(0.1), method="rigl", sparsity=sparsity,
-                                  update_every=1, end_step=100, structure=structure, seed=1,
-                                  stacked={"l9": 1})
-    state = tx.init(params)
-    p = rigl_jax.apply_masks(params, state)
-    first = [np.asarray(m) for m in jax.tree.leaves(rigl_jax.get_masks(state))]
-    for i in range(3):
-      updates, state = jax.jit(tx.update)(grads(i), state, p)
-      p = optax.apply_updates(p, updates)
-    masks.append([np.asarray(m) for m in jax.tree.leaves(rigl_jax.get_masks(state))])
-  assert any((a != b).any() for a, b in zip(first, masks[1]))  # the masks did move
-  for a, b in zip(*masks):
-    np.testing.assert_array_equal(a, b)
