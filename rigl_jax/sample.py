@@ -132,10 +132,10 @@ def make_cell(products: dict, readout_layers: int):
   return cell, logits_of
 
 
-# Steps whose sampling noise is drawn at once (at most; fewer for a shorter
-# generation). On CPU a threefry call runs rolled loops: drawn per byte it cost
-# more than a sparse GRU step's products; per 64 bytes 3.4 us a byte, per 1024
-# 1.4 us (1 MiB of noise; per 4096, 3.7 us: out of cache).
+# Steps whose sampling noise is drawn at once. On CPU a threefry call runs rolled
+# loops: drawn per byte it cost more than a sparse GRU step's products; per 64
+# bytes 3.4 us a byte, per 1024 1.4 us (1 MiB of noise; per 4096, 3.7 us: out of
+# cache). Always whole chunks, so a shorter generation is a prefix of a longer one.
 NOISE_CHUNK = 1024
 
 
@@ -145,7 +145,8 @@ def make_generate(products: dict, readout_layers: int) -> Callable:
   :func:`step_weights`): the GRU over the prompt, then one byte per step fed back
   in: the argmax of the logits when ``greedy`` (no random numbers drawn), else a
   sample of ``softmax(logits / temperature)`` (the Gumbel-max trick, the noise for
-  up to :data:`NOISE_CHUNK` steps drawn at once from ``fold_in(key, chunk)``)."""
+  :data:`NOISE_CHUNK` steps drawn at once from ``fold_in(key, chunk)``: a shorter
+  generation is a prefix of a longer one)."""
   cell, logits_of = make_cell(products, readout_layers)
 
   def generate(w, prompt, steps, key, temperature, greedy):
@@ -162,14 +163,12 @@ def make_generate(products: dict, readout_layers: int) -> Callable:
     if greedy:
       return jax.lax.scan(step, h, None, length=steps)[1]
 
-    chunk_steps = min(NOISE_CHUNK, steps)
-
     def chunk(h, c):
-      noise = jax.random.gumbel(jax.random.fold_in(key, c), (chunk_steps, w["embed"].shape[0]),
+      noise = jax.random.gumbel(jax.random.fold_in(key, c), (NOISE_CHUNK, w["embed"].shape[0]),
                                 w["embed"].dtype)
       return jax.lax.scan(step, h, noise)
 
-    chunks = -(-steps // chunk_steps)
+    chunks = -(-steps // NOISE_CHUNK)
     return jax.lax.scan(chunk, h, jnp.arange(chunks))[1].reshape(-1)[:steps]
 
   return jax.jit(generate, static_argnums=(2, 5))

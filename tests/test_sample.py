@@ -108,6 +108,9 @@ def test_sampling_draws_bytes_from_softmax_of_logits_over_temperature():
     # Each count within 4.5 standard deviations of its binomial mean.
     np.testing.assert_array_less(np.abs(counts - steps * expected),
                                  4.5 * np.sqrt(steps * expected * (1 - expected)) + 1)
+  # The noise is drawn in whole chunks: a shorter generation is a prefix.
+  np.testing.assert_array_equal(
+      np.asarray(generate(w, prompt, 1500, key, jnp.float32(2.0), False)), out[:1500])
   greedy = np.asarray(generate(w, prompt, 50, key, jnp.float32(0), True))
   assert (greedy == np.argmax(embed @ np.asarray(bias))).all()
 
