@@ -15,8 +15,7 @@ issue 18's targets:
   uint16 indices), one thread, called through ctypes on numpy arrays;
 * ``xla_condensed``: `rigl_jax.sparse_linear.condensed_matmul` as a jitted loop
   runs it (`sparse_linear.time_product`; XLA:CPU may use both cores);
-* ``xla_dense``: the masked dense product, the same way.
-
+* ``xla_dense``: the masked dense product, the same way;
 * ``c_2core``: the C loop with the rows split between two threads, each running
   its half ``--repeats`` times with no synchronisation (``split_gain``: the
   one-thread time over this).
@@ -79,7 +78,7 @@ SPARSITY = 0.9
 
 
 def build_kernel(workdir: str):
-  """The C loop as a ctypes function, or None when no compiler builds it."""
+  """The C loops as a ctypes library, or None when no compiler builds them."""
   cc = shutil.which("cc") or shutil.which("gcc")
   if cc is None:
     return None
@@ -107,8 +106,8 @@ def constant_fan_in_mask(rng, fan_in: int, fan_out: int, k: int) -> np.ndarray:
 def c_split_seconds(library, x, values, indices, repeats: int, threads: int = 2) -> float:
   """Median seconds of one C product with its rows split between ``threads`` threads,
   each running its share ``repeats`` times with no synchronisation in between
-  (ctypes releases the GIL): the throughput of a perfectly scheduled split, which
-  on this machine's two vCPUs is what sharing the cores' load ports allows."""
+  (ctypes releases the GIL): the throughput of a perfectly scheduled split, thread
+  start and join included (small against ``repeats`` calls)."""
   y = np.zeros(values.shape[0], np.float32)
   ptrs = [ctypes.c_void_p(a.ctypes.data) for a in (x, values, indices, y)]
   fan_out, k = values.shape
@@ -153,8 +152,8 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=500, help="C calls per timing batch")
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as workdir:
-    kernel = build_kernel(workdir)
-    if kernel is None:
+    library = build_kernel(workdir)
+    if library is None:
       print("error: no C compiler (cc) built the kernel; nothing measured", file=sys.stderr)
       return 1
     rng = np.random.default_rng(0)
@@ -168,8 +167,8 @@ def main(argv=None) -> int:
       indices = np.ascontiguousarray(np.asarray(condensed.indices).astype(np.uint16))
       x = rng.standard_normal(fan_in).astype(np.float32)
       kept = fan_out * k
-      c_s = c_seconds(kernel, x, values, indices, args.repeats)
-      c2_s = c_split_seconds(kernel, x, values, indices, args.repeats)
+      c_s = c_seconds(library, x, values, indices, args.repeats)
+      c2_s = c_split_seconds(library, x, values, indices, args.repeats)
       sparse_s = sparse_linear.time_product(condensed, 1, repeats=7, steps=64)
       dense_s = sparse_linear.time_product(jnp.asarray(kernel_w), 1, repeats=7, steps=64)
       rows.append({

@@ -378,8 +378,8 @@ def sparse_training(
     # which XLA fuses with the optimizer's own elementwise work; a cond around the
     # optimizer would cost copies of every momentum leaf on every step.
     # The selects below read the flag as the cond returns it: computed from the
-    # step, XLA would copy its dozen scalar ops into every fusion that reads it
-    # (two per leaf), a third of the masked step's extra compile time.
+    # step, XLA copied its dozen scalar ops into every fusion that reads it (two
+    # per leaf; ResNet-50's step: 32,191 -> 27,683 HLO ops, compile time within noise).
     new_masks, method_state, is_update = jax.lax.cond(
         method.is_update_step(state.step, update_every=update_every, start_step=start_step,
                               end_step=end_step),
