@@ -116,11 +116,11 @@ def make_loss_fn(model):
   return loss_fn
 
 
-def make_train_step(loss_fn, tx):
+def make_train_step(loss_fn, tx, **update_args):
   def train_step(params, batch_stats, opt_state, x, y):
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, batch_stats, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, **update_args)
     params = optax.apply_updates(params, updates)
     return params, batch_stats, opt_state, loss
   return jax.jit(train_step, donate_argnums=(0, 1, 2))

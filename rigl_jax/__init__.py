@@ -19,7 +19,8 @@ _EXPORTS = {
     "get_method": "methods", "redistribute_counts": "methods", "SRigL": "methods",
     "Structure": "structure",
     "SparseTrainingState": "transform", "apply_masks": "transform", "find_state": "transform",
-    "get_masks": "transform", "skip_step": "transform", "sparse_training": "transform",
+    "get_masks": "transform", "mask_update_steps": "transform", "skip_step": "transform",
+    "sparse_training": "transform",
 }
 _SUBMODULES = ("distributions", "masks", "methods", "names", "schedules", "selection",
                "structure", "transform")

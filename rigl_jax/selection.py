@@ -157,9 +157,10 @@ def _by_segmented_radix(scores: jax.Array, k: jax.Array, sizes: list[int]) -> ja
   pass per digit over every segment, by scatter-add into ``[segments, bins]``.
 
   Written for compile time (a model's whole mask update is this one function):
-  the three digits are turns of one loop, and each segment's digit is found by a
+  the three digits are turns of one loop, each segment's digit is found by a
   bisection over the bins (a loop of masked sums) rather than a cumulative sum,
-  which XLA:CPU compiles as about five reduce-window kernels per use."""
+  which XLA:CPU compiles as about five reduce-window kernels per use, and ties
+  are split by the same loop run on the entries' indices."""
   n = len(sizes)
   key = sortable_bits(scores)
   # Each entry's segment, by binary search over the segments' ends: code of one
@@ -169,6 +170,31 @@ def _by_segmented_radix(scores: jax.Array, k: jax.Array, sizes: list[int]) -> ja
   ends = jax.lax.optimization_barrier(jnp.asarray(np.cumsum(sizes), jnp.int32))
   segment = jnp.searchsorted(ends, jnp.arange(scores.shape[0], dtype=jnp.int32),
                              side="right").astype(jnp.int32)
+  remaining, kth = _segmented_kth(key, None, jnp.maximum(k, 1), segment, n)
+  kth_each = kth[segment]
+  greater = key > kth_each
+  equal = key == kth_each
+  equal_count = jnp.zeros((n,), jnp.int32).at[segment].add(equal.astype(jnp.int32))
+
+  def split_ties():
+    # The first `remaining` equal entries of each segment by index: the largest
+    # keys `~index` among them (a second select, where a running count over the
+    # whole model compiled to about twenty kernels).
+    index_key = ~jnp.arange(scores.shape[0], dtype=jnp.uint32)
+    _, kth_index = _segmented_kth(index_key, equal, remaining, segment, n)
+    return greater | (equal & (index_key >= kth_index[segment]))
+
+  selected = jax.lax.cond(jnp.all(equal_count == remaining),
+                          lambda: greater | equal, split_ties)
+  return selected & (k[segment] > 0)
+
+
+def _segmented_kth(key: jax.Array, eligible: jax.Array | None, remaining: jax.Array,
+                   segment: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """Per segment, the ``remaining[i]``-th largest of the uint32 ``key`` over the
+  entries of segment ``i`` (those ``eligible``, if given), digit by digit; returns
+  ``(r, kth)``: ``kth[i]`` that key, ``r[i]`` how many entries equal to it are
+  among the ``remaining[i]`` largest."""
   bins = 1 << max(width for _, width in _DIGITS)
   shifts = jnp.asarray([shift for shift, _ in _DIGITS], jnp.uint32)
   highs = jnp.asarray([shift + width for shift, width in _DIGITS], jnp.uint32)
@@ -180,7 +206,10 @@ def _by_segmented_radix(scores: jax.Array, k: jax.Array, sizes: list[int]) -> ja
     digit = ((key >> shift) & jnp.uint32(bins - 1)).astype(jnp.int32)
     # Only entries whose higher digits equal their segment's kth count (a shift
     # by 32, the first digit's, is 0 on both sides in XLA: all entries count).
-    digit = jnp.where((key >> high) == (kth[segment] >> high), digit, bins)
+    counted = (key >> high) == (kth[segment] >> high)
+    if eligible is not None:
+      counted = counted & eligible
+    digit = jnp.where(counted, digit, bins)
     hist = jnp.zeros((n, bins), jnp.int32).at[segment, digit].add(1, mode="drop")
     at_or_above = lambda b: jnp.sum(jnp.where(bin_index[None, :] >= b[:, None], hist, 0),
                                     axis=1)
@@ -192,22 +221,8 @@ def _by_segmented_radix(scores: jax.Array, k: jax.Array, sizes: list[int]) -> ja
     remaining = remaining - at_or_above(chosen + 1)
     return remaining, kth | (chosen.astype(jnp.uint32) << shift)
 
-  remaining, kth = jax.lax.fori_loop(
-      0, len(_DIGITS), digit_turn, (jnp.maximum(k, 1), jnp.zeros((n,), jnp.uint32)))
-  kth_each = kth[segment]
-  greater = key > kth_each
-  equal = key == kth_each
-  equal_count = jnp.zeros((n,), jnp.int32).at[segment].add(equal.astype(jnp.int32))
-
-  def split_ties():
-    # The first `remaining` equal entries of each segment, by index.
-    before = jnp.cumsum(equal_count) - equal_count          # equal entries in earlier segments
-    rank = jnp.cumsum(equal, dtype=jnp.int32) - before[segment]
-    return greater | (equal & (rank <= remaining[segment]))
-
-  selected = jax.lax.cond(jnp.all(equal_count == remaining),
-                          lambda: greater | equal, split_ties)
-  return selected & (k[segment] > 0)
+  return jax.lax.fori_loop(0, len(_DIGITS), digit_turn,
+                           (remaining, jnp.zeros((n,), jnp.uint32)))
 
 
 def _by_pairwise_rank(scores: jax.Array, k: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 import zlib
 from typing import Any, NamedTuple
@@ -221,9 +222,12 @@ def kahan_add(total: jax.Array, value: jax.Array) -> jax.Array:
   return jnp.stack([t, (t - total[0]) - y])
 
 
-def make_train_step(model, tx, c, num_classes: int, lr_fn, costs):
+def make_train_step(model, tx, c, num_classes: int, lr_fn, costs, *, mask_update: bool = True):
+  """The train step; with ``mask_update=False`` the sparse transform traces no mask
+  update (see :class:`StepPrograms`)."""
   skip_bad = c.on_nonfinite == "skip"
   sparse = c.method not in config_lib.DENSE_METHODS
+  update_args = {"mask_update": mask_update} if sparse else {}
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -238,7 +242,7 @@ def make_train_step(model, tx, c, num_classes: int, lr_fn, costs):
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     lr = lr_fn(state.step)
     opt_state = set_learning_rate(state.opt_state, lr)
-    updates, opt_state = tx.update(grads, opt_state, state.params)
+    updates, opt_state = tx.update(grads, opt_state, state.params, **update_args)
     params = optax.apply_updates(state.params, updates)
 
     finite = jnp.isfinite(loss) & _all_finite(grads)
@@ -566,6 +570,58 @@ def cpu_collectives_need_sync() -> bool:
   return jax.default_backend() == "cpu" and jax.device_count() > 1
 
 
+class StepPrograms:
+  """The jitted train step of a run as one or two programs.
+
+  Where the method updates masks, ``every_step`` is traced without the mask-update
+  branch and compiled before the first step (about as fast as a dense step), and
+  ``whole_step`` (the step with its update) runs on ``update_steps`` only; it is
+  compiled on a thread of its own once the first step has run, while training
+  goes on. Both are the same computation on their steps, so the run's numbers are
+  those of the single program, bit for bit.
+  """
+
+  def __init__(self, every_step, whole_step=None, update_steps=()):
+    self.every_step, self.whole_step = every_step, whole_step
+    self.update_steps = frozenset(int(t) for t in update_steps)
+    self._compiled = None  # the whole step, compiling on a thread (_CompiledOnThread)
+
+  def __call__(self, step: int, state, batch):
+    if step in self.update_steps:
+      return (self._compiled or self.whole_step)(state, batch)
+    start_compiling = self.update_steps and self._compiled is None
+    if start_compiling:  # shapes and shardings, read before the step donates the state
+      specs = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), (state, batch))
+    out = self.every_step(state, batch)
+    if start_compiling:
+      self._compiled = _CompiledOnThread(self.whole_step, *specs)
+    return out
+
+
+class _CompiledOnThread:
+  """``jitted`` traced, lowered and compiled for ``specs`` on a thread of its own;
+  a call waits for it, then runs the compiled program (or raises its error)."""
+
+  def __init__(self, jitted, *specs):
+    self._compiled, self._error = None, None
+    self._thread = threading.Thread(target=self._compile, args=(jitted, specs), daemon=True,
+                                    name="rigl_jax-compile")
+    self._thread.start()
+
+  def _compile(self, jitted, specs):
+    try:
+      self._compiled = jitted.lower(*specs).compile()
+    except BaseException as e:  # pylint: disable=broad-except
+      self._error = e
+
+  def __call__(self, *args):
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+    return self._compiled(*args)
+
+
 def train_loop(s: Setup, state: TrainState, start_step: int, train_step, evaluate_fn, ckpt,
                log: run_log.RunLog, to_global,
                beat=lambda what: None) -> tuple[TrainState, bool]:
@@ -576,7 +632,7 @@ def train_loop(s: Setup, state: TrainState, start_step: int, train_step, evaluat
   one_step_in_flight = cpu_collectives_need_sync()
   with Preemption() as preemption:
     for step in range(start_step, s.total_steps):
-      state, metrics = train_step(state, to_global(next(batches)))
+      state, metrics = train_step(step, state, to_global(next(batches)))
       if one_step_in_flight:
         jax.block_until_ready(metrics)
       log.add(metrics)
@@ -693,11 +749,18 @@ def _train_and_evaluate(s: Setup, workdir: str, wall_start: float, stall_timeout
   state, start_step = restore_or_create(s, ckpt, replicated, workdir)
 
   info = s.pipeline.info
-  train_step = jax.jit(
-      make_train_step(s.model, s.tx, c, info.num_classes,
-                      learning_rate_fn(c, s.pipeline.steps_per_epoch), s.costs),
-      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-      donate_argnums=0)
+  def jitted_step(mask_update: bool):
+    return jax.jit(
+        make_train_step(s.model, s.tx, c, info.num_classes,
+                        learning_rate_fn(c, s.pipeline.steps_per_epoch), s.costs,
+                        mask_update=mask_update),
+        in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+        donate_argnums=0)
+
+  update_steps = (rigl_jax.mask_update_steps(s.tx, start_step, s.total_steps) if s.sparse
+                  else ())
+  train_step = (StepPrograms(jitted_step(False), jitted_step(True), update_steps)
+                if len(update_steps) else StepPrograms(jitted_step(True)))
   eval_step = jax.jit(make_eval_step(s.model, info.num_classes),
                       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import numbers
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -328,18 +329,21 @@ def sparse_training(
         rng=jax.random.key_data(key),
     )
 
-  def update_fn(grads, state, params=None, **extra_args):
+  def update_fn(grads, state, params=None, *, mask_update: bool = True, **extra_args):
     if params is None:
       raise ValueError("sparse_training needs params: call tx.update(grads, state, params).")
+    if not isinstance(mask_update, bool):
+      raise ArgumentError("mask_update", f"mask_update must be True or False (a Python "
+                          f"bool, known when tracing), got {mask_update!r}.")
     _check_structure("grads", grads, state.masks)
     _check_structure("params", params, state.masks)
     if _is_traced((grads, state, params, extra_args)):
-      return update_impl(grads, state, params, extra_args)
+      return update_impl(grads, state, params, extra_args, mask_update)
     # Called eagerly (outside jit): one compiled update, reused on every call, instead
     # of tracing the cond's branches anew each time.
-    return jitted_update(grads, state, params, extra_args)
+    return jitted_update(grads, state, params, extra_args, mask_update)
 
-  def update_impl(grads, state, params, extra_args):
+  def update_impl(grads, state, params, extra_args, mask_update):
     # Masks are bool; optax.tree_map_params (e.g. casting the per-parameter state
     # to bfloat16) maps them as params-shaped state: bool again, exactly.
     masks = jax.tree.map(lambda m: m if m.dtype == jnp.bool_ else m != 0, state.masks)
@@ -347,7 +351,7 @@ def sparse_training(
     inner_grads = grads if method.dense_inner_gradients else masks_lib.apply_masks(grads, masks)
 
     updates, inner_state = inner.update(inner_grads, state.inner_state, params, **extra_args)
-    if not method.updates_masks:
+    if not (method.updates_masks and mask_update):
       return _masked_updates(updates, params, masks), SparseTrainingState(
           step=state.step + 1, masks=masks, inner_state=inner_state,
           method_state=method_state, rng=state.rng)
@@ -401,8 +405,50 @@ def sparse_training(
         method_state=method_state, rng=state.rng)
     return updates, new_state
 
-  jitted_update = jax.jit(update_impl)
+  jitted_update = jax.jit(update_impl, static_argnums=4)
+
+  def update_steps(start: int, stop: int) -> np.ndarray:
+    steps = np.arange(start, stop, dtype=np.int64)
+    if not method.updates_masks:
+      return steps[:0]
+    flags = np.broadcast_to(np.asarray(method.is_update_step(
+        steps, update_every=update_every, start_step=start_step, end_step=end_step)),
+        steps.shape)
+    return steps[flags]
+
+  _UPDATE_SCHEDULES[update_fn] = update_steps
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# The update function of a sparse_training transform -> its mask_update_steps.
+_UPDATE_SCHEDULES: "weakref.WeakKeyDictionary[Callable, Callable]" = weakref.WeakKeyDictionary()
+
+
+def mask_update_steps(tx: optax.GradientTransformation, start: int, stop: int) -> np.ndarray:
+  """The optimizer steps in ``[start, stop)`` on which ``tx`` (as
+  :func:`sparse_training` returned it) changes its masks (a step counts as the
+  state's step before the update), as a sorted int64 array.
+
+  A training loop can then compile two programs: the step it runs almost always,
+  traced with ``tx.update(..., mask_update=False)`` (no mask-update branch, so it
+  compiles about as fast as a dense step), and the whole step, with the default
+  ``mask_update=True``, for the steps listed here, compiled when first needed or
+  on a thread of its own. Together they give the numbers of the single program,
+  bit for bit. ``mask_update=False`` on a listed step would skip that update:
+  the caller's contract.
+
+  Example:
+    >>> import optax, rigl_jax
+    >>> tx = rigl_jax.sparse_training(optax.sgd(0.1), method="rigl", sparsity=0.9,
+    ...                               update_every=100, end_step=1000)
+    >>> rigl_jax.mask_update_steps(tx, 0, 400).tolist()
+    [100, 200, 300]
+  """
+  update_steps = _UPDATE_SCHEDULES.get(getattr(tx, "update", None))
+  if update_steps is None:
+    raise ArgumentError("tx", "mask_update_steps needs the transformation sparse_training "
+                        f"returned (not one wrapping it), got {type(tx).__name__}.")
+  return update_steps(int(start), int(stop))
 
 
 _LOGGER = logging.getLogger("rigl_jax")

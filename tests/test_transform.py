@@ -1,5 +1,6 @@
 """The sparse_training optax transformation: invariants of training with masks."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -111,6 +112,57 @@ def test_masks_change_only_on_scheduled_steps(method):
   assert changed_at and set(changed_at) <= set(scheduled)
   # RigL at alpha 0.3 moves something on nearly every scheduled step.
   assert len(changed_at) >= 5
+
+
+@pytest.mark.parametrize("method", ["rigl", "snfs", "pruning"])
+def test_step_without_update_branch_plus_whole_step_equal_the_single_program(method):
+  """`mask_update=False` on the steps `mask_update_steps` does not list, the default
+  on those it does: every state and param bit for bit the single program's."""
+  tx = make_tx(method)
+  update_steps = rigl_jax.mask_update_steps(tx, 0, 45).tolist()
+  expected = [5, 10, 15, 20, 25, 30, 35] + ([40] if method == "pruning" else [])
+  assert update_steps == expected
+
+  def step(params, state, x, y, mask_update):
+    grads = jax.grad(mlp_loss)(params, x, y)
+    updates, state = tx.update(grads, state, params, mask_update=mask_update)
+    return optax.apply_updates(params, updates), state
+
+  programs = {flag: jax.jit(functools.partial(step, mask_update=flag)) for flag in (True, False)}
+  single, two = [], []
+  for record, choose in ((single, lambda t: True), (two, lambda t: t in update_steps)):
+    params = mlp_params()
+    state = tx.init(params)
+    params = rigl_jax.apply_masks(params, state)
+    data = batches()
+    for t in range(45):
+      x, y = next(data)
+      params, state = programs[choose(t)](params, state, x, y)
+      record.append((params, state))
+  for a, b in zip(single, two):
+    assert all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  # The programs differ: without the branch, a listed step leaves the masks alone.
+  params = mlp_params()
+  state = tx.init(params)
+  params = rigl_jax.apply_masks(params, state)
+  for t, (x, y) in zip(range(6), batches()):
+    params, state = programs[t != 5](params, state, x, y)
+  before = rigl_jax.get_masks(tx.init(mlp_params()))
+  assert all(np.array_equal(u, v) for u, v in
+             zip(jax.tree.leaves(before), jax.tree.leaves(rigl_jax.get_masks(state))))
+  assert not all(np.array_equal(u, v) for u, v in
+                 zip(jax.tree.leaves(before), jax.tree.leaves(rigl_jax.get_masks(single[5][1]))))
+
+
+def test_mask_update_arguments_are_checked():
+  tx = make_tx("rigl")
+  params = mlp_params()
+  state = tx.init(params)
+  with pytest.raises(rigl_jax.ArgumentError, match="mask_update must be True or False"):
+    tx.update(params, state, params, mask_update=1)
+  with pytest.raises(rigl_jax.ArgumentError, match="sparse_training returned"):
+    rigl_jax.mask_update_steps(optax.chain(tx), 0, 10)
+  assert rigl_jax.mask_update_steps(make_tx("static"), 0, 45).size == 0
 
 
 def test_dense_layers_untouched_and_drop_counts():
