@@ -11,6 +11,13 @@ prints, per run: ``starting_s`` (launch to the "Starting" line: imports, data,
 model, optimizer state), ``first_step_s`` (launch to the end of step 1, which
 includes loading or compiling the step) and ``total_s``. Also the import time of
 ``rigl_jax.train`` alone, in a fresh process. Target: warm ``first_step_s <= 3``.
+
+``--apart`` instead runs a model cold (cache empty) with ``update_program``
+``separate`` and ``in_step``, interleaved: ``separate`` compiles the step without
+the mask update before step 1 and the whole step on a thread
+(``train.StepPrograms``)::
+
+  python benchmarks/bench_startup.py --apart --model=wrn_22_2 --steps=6 --update_every=3
 """
 
 from __future__ import annotations
@@ -39,10 +46,11 @@ def _log_seconds(line: str, day: datetime.date) -> float | None:
   return midnight + 3600 * h + 60 * m + s
 
 
-def one_run(workdir: str, cache_dir: str) -> dict:
+def one_run(workdir: str, cache_dir: str, *overrides: str) -> dict:
   cmd = [sys.executable, "-m", "rigl_jax.main", f"--config={REPO}/configs/quickstart.py",
          f"--workdir={workdir}", f"--compilation_cache_dir={cache_dir}",
-         "--config.log_every=1", "--config.num_train_steps=50", "--config.eval_every=0"]
+         "--config.log_every=1", "--config.num_train_steps=50", "--config.eval_every=0",
+         *overrides]
   env = dict(os.environ)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   day = datetime.date.today()
@@ -70,10 +78,41 @@ def import_seconds() -> float:
   return time.time() - start
 
 
+def apart(args) -> None:
+  """Cold runs of ``args.model`` with update_program separate and in_step, interleaved."""
+  rows = {True: [], False: []}
+  with tempfile.TemporaryDirectory() as tmp:
+    for i in range(args.runs):
+      for on in (True, False) if i % 2 == 0 else (False, True):
+        rows[on].append(one_run(
+            os.path.join(tmp, f"{on}{i}"), os.path.join(tmp, f"cache{on}{i}"),
+            f"--config.model={args.model}", f"--config.num_train_steps={args.steps}",
+            f"--config.update_every={args.update_every}", "--config.checkpoint_every=1000",
+            f"--config.update_program={'separate' if on else 'in_step'}"))
+  print(f"{args.model}, {args.steps} steps, mask updates every {args.update_every}, "
+        f"cache empty, {args.runs} runs each (median)\n")
+  print("| update_program | launch -> end of step 1 | whole run |")
+  print("|---|---|---|")
+  med = lambda on, k: statistics.median(r[k] for r in rows[on])
+  for on in (True, False):
+    print(f"| {'separate' if on else 'in_step'} | {med(on, 'first_step_s'):.2f} s | "
+          f"{med(on, 'total_s'):.2f} s |")
+  print(f"\nstep 1 comes {med(False, 'first_step_s') - med(True, 'first_step_s'):.2f} s "
+        f"sooner; the whole run takes {med(True, 'total_s') - med(False, 'total_s'):+.2f} s")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--runs", type=int, default=3, help="warm runs")
+  parser.add_argument("--runs", type=int, default=3, help="warm runs (--apart: runs each)")
+  parser.add_argument("--apart", action="store_true",
+                      help="compare update_program separate and in_step, cold")
+  parser.add_argument("--model", default="wrn_22_2")
+  parser.add_argument("--steps", type=int, default=6)
+  parser.add_argument("--update_every", type=int, default=3)
   args = parser.parse_args()
+  if args.apart:
+    apart(args)
+    return
   with tempfile.TemporaryDirectory() as tmp:
     cache = os.path.join(tmp, "cache")
     rows = [("cold", one_run(os.path.join(tmp, "cold"), cache))]

@@ -24,6 +24,7 @@ DISTRIBUTIONS = names.DISTRIBUTION_NAMES
 DROP_SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("sgd", "adam")
 ON_NONFINITE = ("stop", "skip")
+UPDATE_PROGRAMS = ("auto", "separate", "in_step")
 
 
 # rigl_jax.structure's names, checked here without importing JAX (the core parses
@@ -93,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0                # 0: evaluate at the end only
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
+  # separate: the step without the mask update compiles before step 1, the whole step
+  # on a thread (same numbers); auto: separate except on CPU, whose cores train too.
+  c.update_program = "auto"       # separate: step 1 sooner; in_step: one program
   c.overwrite = False             # allow a workdir holding a different config
   return c
 
@@ -100,7 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
 # Allowed values of the choice fields that this module knows without importing JAX
 # (a bad model, dataset or augmentation gets the allowed ones in its error).
 CHOICES = {"method": METHODS, "distribution": DISTRIBUTIONS, "drop_schedule": DROP_SCHEDULES,
-           "on_nonfinite": ON_NONFINITE, "optimizer": OPTIMIZERS}
+           "on_nonfinite": ON_NONFINITE, "optimizer": OPTIMIZERS,
+           "update_program": UPDATE_PROGRAMS}
 
 
 def describe_fields() -> str:
@@ -175,6 +180,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1,
   _choice(c, "distribution", DISTRIBUTIONS)
   _choice(c, "drop_schedule", DROP_SCHEDULES)
   _choice(c, "on_nonfinite", ON_NONFINITE)
+  _choice(c, "update_program", UPDATE_PROGRAMS)
   _choice(c, "dtype", ("float32", "bfloat16"))
   _choice(c, "augmentation", augment.AUGMENTATIONS)
   _choice(c, "optimizer", OPTIMIZERS)

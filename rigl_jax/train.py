@@ -757,8 +757,11 @@ def _train_and_evaluate(s: Setup, workdir: str, wall_start: float, stall_timeout
         in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
         donate_argnums=0)
 
-  update_steps = (rigl_jax.mask_update_steps(s.tx, start_step, s.total_steps) if s.sparse
-                  else ())
+  # On CPU the thread's compile would take cores from the training steps.
+  separate = c.update_program == "separate" or (
+      c.update_program == "auto" and jax.default_backend() != "cpu")
+  update_steps = (rigl_jax.mask_update_steps(s.tx, start_step, s.total_steps)
+                  if s.sparse and separate else ())
   train_step = (StepPrograms(jitted_step(False), jitted_step(True), update_steps)
                 if len(update_steps) else StepPrograms(jitted_step(True)))
   eval_step = jax.jit(make_eval_step(s.model, info.num_classes),

@@ -51,7 +51,7 @@ ENTRIES = {".lock": False, "config.json": False, "metrics.jsonl": False, "summar
 
 # Fields that may change when a run is resumed: they do not change its numbers.
 RESUMABLE_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "overwrite",
-                    "data_dir", "eval_every")
+                    "data_dir", "eval_every", "update_program")
 
 
 # ----------------------------------------------------------------------------- files

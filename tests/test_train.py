@@ -120,25 +120,26 @@ def test_same_seed_same_numbers(tmp_path):
 
 
 def test_the_update_step_as_its_own_program_changes_no_number(tmp_path, monkeypatch):
-  """The trainer runs a mask-updating method as two programs (the step without the
-  update branch, and the whole step on update steps, compiled on a thread): the
-  same final state, bit for bit, as the single program."""
-  config = small_config(num_train_steps=25, update_every=5, checkpoint_every=25)
-  two = train.train_and_evaluate(config, str(tmp_path / "two"))
+  """`update_program="separate"`: the step without the update branch, and the whole
+  step on update steps, compiled on a thread. The same final state, bit for bit, as
+  the single program (`"in_step"`, what "auto" picks on CPU)."""
   seen = []
   original = train.StepPrograms.__init__
 
-  def single_program(self, every_step, whole_step=None, update_steps=()):
-    seen.append(sorted(update_steps))
-    original(self, whole_step or every_step)
+  def spy(self, every_step, whole_step=None, update_steps=()):
+    seen.append(sorted(int(t) for t in update_steps))
+    original(self, every_step, whole_step, update_steps)
 
-  monkeypatch.setattr(train.StepPrograms, "__init__", single_program)
-  one = train.train_and_evaluate(config, str(tmp_path / "one"))
-  assert seen == [[5, 10, 15]]  # end_step: 3/4 of the 25 steps
+  monkeypatch.setattr(train.StepPrograms, "__init__", spy)
+  config = dict(num_train_steps=25, update_every=5, checkpoint_every=25)
+  two = train.train_and_evaluate(small_config(**config, update_program="separate"),
+                                 str(tmp_path / "two"))
+  one = train.train_and_evaluate(small_config(**config), str(tmp_path / "one"))
+  assert seen == [[5, 10, 15], []]  # end_step: 3/4 of the 25 steps
   assert two["state_crc32"] == one["state_crc32"]
   _, a = final_state(str(tmp_path / "two"))
   _, b = final_state(str(tmp_path / "one"))
-  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 @pytest.mark.slow
