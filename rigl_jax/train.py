@@ -588,8 +588,10 @@ class StepPrograms:
 
   def __call__(self, step: int, state, batch):
     if step in self.update_steps:
-      return (self._compiled or self.whole_step)(state, batch)
-    start_compiling = self.update_steps and self._compiled is None
+      if self._compiled is None:  # (a run resumed at an update step) compiled here, once
+        self._compiled = self.whole_step
+      return self._compiled(state, batch)
+    start_compiling = bool(self.update_steps) and self._compiled is None
     if start_compiling:  # shapes and shardings, read before the step donates the state
       specs = jax.tree.map(
           lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), (state, batch))

@@ -85,11 +85,15 @@ def checkpoint(workdir, step):
     return [np.asarray(x) for x in jax.tree.leaves(ckptr.restore(path, target))]
 
 
-def test_two_processes_agree_and_match_two_devices(tmp_path, env):
+# "separate" (the default on accelerators): the whole step compiles on a thread in
+# every process, and all of them switch to it on the same steps.
+@pytest.mark.parametrize("program", ["in_step", "separate"])
+def test_two_processes_agree_and_match_two_devices(tmp_path, env, program):
   workdir = tmp_path / "two_procs"
-  procs = start_pair(workdir, *ARGS, env=env, tmp_path=tmp_path, tag="run")
+  args = (*ARGS, f"--config.update_program={program}")
+  procs = start_pair(workdir, *args, env=env, tmp_path=tmp_path, tag="run")
   # Meanwhile (same machine, shared cores): one process with two devices.
-  single = start(tmp_path / "one_proc", *ARGS, log=tmp_path / "single.log",
+  single = start(tmp_path / "one_proc", *args, log=tmp_path / "single.log",
                  env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
   results = [finish(p) for p in procs]
   for rc, log in results:
@@ -117,7 +121,7 @@ def test_two_processes_agree_and_match_two_devices(tmp_path, env):
     assert a.tobytes() == b.tobytes()
 
   # Both processes restore the checkpoint orbax wrote for them, and agree again.
-  procs = start_pair(workdir, *ARGS, env=env, tmp_path=tmp_path, tag="again")
+  procs = start_pair(workdir, *args, env=env, tmp_path=tmp_path, tag="again")
   for rc, log in (finish(p) for p in procs):
     assert rc == 0, log[-3000:]
     assert f"Resumed {workdir} at step 60" in log

@@ -142,6 +142,31 @@ def test_the_update_step_as_its_own_program_changes_no_number(tmp_path, monkeypa
   assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+def test_step_programs_pick_by_step_and_compile_the_whole_step_once():
+  calls = []
+  every = jax.jit(lambda state, batch: (calls.append("every") or state + batch, None))
+  whole = jax.jit(lambda state, batch: (calls.append("whole") or state * batch, None))
+  programs = train.StepPrograms(every, whole, update_steps=[2])
+  state = jax.numpy.ones(3)
+  for step in range(4):
+    state, _ = programs(step, state, jax.numpy.full(3, 2.0))
+  # traced once each: `every` at step 0, `whole` on the thread (its call at step 2
+  # runs the compiled program, not the Python function)
+  assert calls == ["every", "whole"] and programs._compiled is not whole
+  assert np.array_equal(state, np.full(3, (1 + 2 + 2) * 2 + 2.0))  # every, every, whole, every
+  # Resumed at an update step: the whole step compiles there, and no thread later.
+  programs = train.StepPrograms(every, whole, update_steps=[5])
+  state, _ = programs(5, state, jax.numpy.full(3, 2.0))
+  state, _ = programs(6, state, jax.numpy.full(3, 2.0))
+  assert programs._compiled is whole
+  # A program that fails to compile on the thread fails the update step, with its error.
+  bad = jax.jit(lambda state, batch: (state.reshape(2, 2), None))  # 3 entries: no
+  programs = train.StepPrograms(every, bad, update_steps=[1])
+  state, _ = programs(0, jax.numpy.ones(3), jax.numpy.ones(3))
+  with pytest.raises(TypeError, match="reshape"):
+    programs(1, state, jax.numpy.ones(3))
+
+
 @pytest.mark.slow
 def test_kill_and_resume_is_exact(tmp_path):
   args = ("--config.num_train_steps=300", "--config.checkpoint_every=50", "--config.log_every=50")
