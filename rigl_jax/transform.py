@@ -236,7 +236,8 @@ def sparse_training(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is (or holds) a
-    :class:`SparseTrainingState`.
+    :class:`SparseTrainingState`. ``update`` also takes ``mask_update=False``:
+    trace no mask update (see :func:`mask_update_steps`).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, rigl_jax
@@ -444,7 +445,10 @@ def mask_update_steps(tx: optax.GradientTransformation, start: int, stop: int) -
     >>> rigl_jax.mask_update_steps(tx, 0, 400).tolist()
     [100, 200, 300]
   """
-  update_steps = _UPDATE_SCHEDULES.get(getattr(tx, "update", None))
+  try:
+    update_steps = _UPDATE_SCHEDULES.get(getattr(tx, "update", None))
+  except TypeError:  # no update function, or one that takes no weak reference
+    update_steps = None
   if update_steps is None:
     raise ArgumentError("tx", "mask_update_steps needs the transformation sparse_training "
                         f"returned (not one wrapping it), got {type(tx).__name__}.")

@@ -162,6 +162,8 @@ def test_mask_update_arguments_are_checked():
     tx.update(params, state, params, mask_update=1)
   with pytest.raises(rigl_jax.ArgumentError, match="sparse_training returned"):
     rigl_jax.mask_update_steps(optax.chain(tx), 0, 10)
+  with pytest.raises(rigl_jax.ArgumentError, match="sparse_training returned"):
+    rigl_jax.mask_update_steps(object(), 0, 10)
   assert rigl_jax.mask_update_steps(make_tx("static"), 0, 45).size == 0
 
 
