@@ -12,12 +12,12 @@ model, optimizer state), ``first_step_s`` (launch to the end of step 1, which
 includes loading or compiling the step) and ``total_s``. Also the import time of
 ``rigl_jax.train`` alone, in a fresh process. Target: warm ``first_step_s <= 3``.
 
-``--apart`` instead runs a model cold (cache empty) with ``update_program``
+``--update_programs`` instead runs a model cold (cache empty) with ``update_program``
 ``separate`` and ``in_step``, interleaved: ``separate`` compiles the step without
 the mask update before step 1 and the whole step on a thread
 (``train.StepPrograms``)::
 
-  python benchmarks/bench_startup.py --apart --model=wrn_22_2 --steps=6 --update_every=3
+  python benchmarks/bench_startup.py --update_programs --model=wrn_22_2 --steps=6 --update_every=3
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def import_seconds() -> float:
   return time.time() - start
 
 
-def apart(args) -> None:
+def compare_update_programs(args) -> None:
   """Cold runs of ``args.model`` with update_program separate and in_step, interleaved."""
   rows = {True: [], False: []}
   with tempfile.TemporaryDirectory() as tmp:
@@ -103,15 +103,16 @@ def apart(args) -> None:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--runs", type=int, default=3, help="warm runs (--apart: runs each)")
-  parser.add_argument("--apart", action="store_true",
+  parser.add_argument("--runs", type=int, default=3,
+                      help="warm runs (--update_programs: runs of each)")
+  parser.add_argument("--update_programs", action="store_true",
                       help="compare update_program separate and in_step, cold")
   parser.add_argument("--model", default="wrn_22_2")
   parser.add_argument("--steps", type=int, default=6)
   parser.add_argument("--update_every", type=int, default=3)
   args = parser.parse_args()
-  if args.apart:
-    apart(args)
+  if args.update_programs:
+    compare_update_programs(args)
     return
   with tempfile.TemporaryDirectory() as tmp:
     cache = os.path.join(tmp, "cache")
