@@ -129,3 +129,49 @@ def test_rigl_updates_the_same_masks_grouped_and_layer_by_layer(monkeypatch):
     results.append(jax.tree.map(np.asarray, rigl_jax.get_masks(state)))
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("rows,n", [
+    (3, 9),                                    # pairwise rank (N:M groups)
+    (3, 1000),                                 # lax.top_k per row (small array)
+    (4, selection.RADIX_MIN_SIZE),             # bisection over all rows
+    (2, selection.ROW_BY_ROW_MIN_SIZE + 3),    # radix select row after row
+])
+def test_largest_rows_equals_largest_row_by_row(rows, n):
+  """Every path of `largest_rows` picks `lax.top_k`'s set in every row: ties (rounded
+  values, a row of equal values), k = 0, k above max_k."""
+  rng = np.random.default_rng(rows * n)
+  scores = np.round(rng.standard_normal((rows, n)), 1).astype(np.float32)
+  scores[-1] = 0.5
+  max_k = n - 1
+  k = np.asarray([0, n] + [int(rng.integers(1, n)) for _ in range(rows - 2)], np.int32)
+  got = np.asarray(jax.jit(selection.largest_rows, static_argnums=2)(
+      jnp.asarray(scores), jnp.asarray(k), max_k))
+  for row, kk, g in zip(scores, k, got):
+    count = min(int(kk), max_k)
+    np.testing.assert_array_equal(g, np.asarray(reference(jnp.asarray(row), count, n)))
+    assert int(g.sum()) == count
+
+
+@pytest.mark.parametrize("a,n,b", [
+    (2, 8, 5),                                 # pairwise rank (N:M groups)
+    (2, 40, 30),                               # lax.top_k per column (small array)
+    (1, 256, 80),                              # bisection over the layer's columns
+    (2, 1024, selection.LAYER_BY_LAYER_MIN_SIZE // 2048),  # bisection layer after layer
+    (2, selection.ROW_BY_ROW_MIN_SIZE, 1),     # a column per layer: largest_rows
+])
+def test_largest_along_equals_largest_column_by_column(a, n, b):
+  """Every path of `largest_along` picks `lax.top_k`'s set in every column: ties
+  (rounded values, a layer of equal values), k = 0, k above max_k."""
+  rng = np.random.default_rng(a * n * b)
+  scores = np.round(rng.standard_normal((a, n, b)), 1).astype(np.float32)
+  scores[-1] = 0.5
+  max_k = n - 1
+  k = rng.integers(0, n + 1, (a, b)).astype(np.int32)
+  k[0, 0] = 0
+  got = np.asarray(jax.jit(selection.largest_along, static_argnums=2)(
+      jnp.asarray(scores), jnp.asarray(k), max_k))
+  expect = jax.jit(jax.vmap(jax.vmap(lambda s, kk: reference(s, kk, n), in_axes=(1, 0),
+                                     out_axes=1)))
+  np.testing.assert_array_equal(got, np.asarray(expect(jnp.asarray(scores),
+                                                       jnp.asarray(np.minimum(k, max_k)))))
