@@ -600,6 +600,12 @@ class StepPrograms:
       self._compiled = _CompiledOnThread(self.whole_step, *specs)
     return out
 
+  def wait_for_compile(self) -> None:
+    """Returns once no compile runs on the thread (logging why it waits, if one does)."""
+    if isinstance(self._compiled, _CompiledOnThread) and self._compiled.running():
+      logging.info("Waiting for the compile of the update step to end before exiting.")
+      self._compiled.join()
+
 
 class _CompiledOnThread:
   """``jitted`` traced, lowered and compiled for ``specs`` on a thread of its own;
@@ -607,9 +613,18 @@ class _CompiledOnThread:
 
   def __init__(self, jitted, *specs):
     self._compiled, self._error = None, None
-    self._thread = threading.Thread(target=self._compile, args=(jitted, specs), daemon=True,
+    # Not a daemon: at exit Python waits for the compile. A daemon thread stopped
+    # inside XLA's compiler aborted the process ("terminate called ...", exit -6)
+    # when a stop request or an error ended the run during the compile.
+    self._thread = threading.Thread(target=self._compile, args=(jitted, specs), daemon=False,
                                     name="rigl_jax-compile")
     self._thread.start()
+
+  def running(self) -> bool:
+    return self._thread.is_alive()
+
+  def join(self) -> None:
+    self._thread.join()
 
   def _compile(self, jitted, specs):
     try:
@@ -618,7 +633,7 @@ class _CompiledOnThread:
       self._error = e
 
   def __call__(self, *args):
-    self._thread.join()
+    self.join()
     if self._error is not None:
       raise self._error
     return self._compiled(*args)
@@ -799,6 +814,8 @@ def finish_run(s: Setup, state: TrainState, start_step: int, train_step, evaluat
   if stopped:
     logging.info("Stop requested (SIGTERM or Ctrl-C): saved step %d and stopped; rerun the "
                  "same command to resume.", steps)
+    if isinstance(train_step, StepPrograms):
+      train_step.wait_for_compile()
     return {"preempted": True, "steps": steps}
 
   digest = state_digest(state)

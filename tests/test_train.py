@@ -167,6 +167,33 @@ def test_step_programs_pick_by_step_and_compile_the_whole_step_once():
     programs(1, state, jax.numpy.ones(3))
 
 
+_EXIT_DURING_COMPILE = """
+import sys, time, jax, jax.numpy as jnp
+from rigl_jax import train
+
+def slow(x):  # a program XLA takes seconds to compile
+  for i in range(300):
+    x = jnp.sin(x @ x.T + i)[:, ::-1] * jnp.cos(x)
+  return x
+
+compiling = train._CompiledOnThread(jax.jit(slow), jax.ShapeDtypeStruct((64, 64), jnp.float32))
+time.sleep(0.5)
+print("running", compiling.running(), flush=True)
+sys.exit(3)
+"""
+
+
+def test_exit_while_the_update_step_compiles_is_clean():
+  """A run that ends (a stop request, an error) while the whole step compiles on its
+  thread exits with its own code: as a daemon, the thread stopped inside XLA aborted
+  the process at exit ("terminate called ...", SIGABRT)."""
+  proc = subprocess.run([sys.executable, "-c", _EXIT_DURING_COMPILE], capture_output=True,
+                        text=True, timeout=300)
+  assert proc.stdout.strip() == "running True", proc.stdout + proc.stderr[-2000:]
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  assert "terminate called" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_kill_and_resume_is_exact(tmp_path):
   args = ("--config.num_train_steps=300", "--config.checkpoint_every=50", "--config.log_every=50")
