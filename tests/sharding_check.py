@@ -113,6 +113,51 @@ def main():
         check(shape, axis_type, specs, method, reference)
         print(f"ok {n} devices {name} {axis_type.name} {method[0]} {method[1]}")
 
+  check_stacked()
+
+
+# Stacked kernels: a (4, 128, 64) kernel as four layers, with the selection's size
+# thresholds lowered so that these small layers take the paths large ones take on
+# CPU (the radix select row after row, the per-unit bisection layer after layer).
+STACKED_METHODS = (("rigl", None), ("rigl", "constant_fan_in"), ("srigl", "constant_fan_in"),
+                   ("rigl", "block:4x4"))
+
+
+def check_stacked():
+  from rigl_jax import selection  # pylint: disable=import-outside-toplevel
+  selection.RADIX_MIN_SIZE, selection.ROW_BY_ROW_MIN_SIZE = 1024, 4096
+  selection.LAYER_BY_LAYER_MIN_SIZE = 16384
+  k1, k2 = jax.random.split(jax.random.key(1))
+  make = lambda: {"blocks": {"kernel": jax.random.normal(k1, (4, 128, 64)),
+                             "scale": jnp.ones((4, 64))},
+                  "head": {"kernel": jax.random.normal(k2, (64, 16))}}
+
+  def make_stacked_tx(method, structure):
+    return rigl_jax.sparse_training(optax.sgd(0.1, momentum=0.9), method=method, sparsity=0.8,
+                                    structure=structure,
+                                    stacked={"^blocks/": 1}, update_every=2, end_step=6, seed=3)
+
+  mesh = jax.make_mesh((1, jax.device_count()), ("data", "model"),
+                       axis_types=(AxisType.Explicit,) * 2)
+  layouts = {"layers sharded": {"blocks": {"kernel": P("model", None, None),
+                                           "scale": P("model", None)}, "head": {"kernel": P()}},
+             "units sharded": {"blocks": {"kernel": P(None, None, "model"),
+                                          "scale": P(None, "model")},
+                               "head": {"kernel": P(None, "model")}}}
+  for method, structure in STACKED_METHODS:
+    tx = make_stacked_tx(method, structure)
+    ref_params, ref_state = run(tx, make(), tx.init)
+    for name, specs in layouts.items():
+      with jax.set_mesh(mesh):
+        params = jax.tree.map(lambda p, s: jax.device_put(p, NamedSharding(mesh, s)),
+                              make(), specs)
+        params, state = run(tx, params, jax.jit(tx.init))
+      for m, ref_m, p, ref_p in zip(jax.tree.leaves(state.masks), jax.tree.leaves(ref_state.masks),
+                                    jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_array_equal(np.asarray(m), np.asarray(ref_m))
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(ref_p))
+      print(f"stacked-ok {name} {method} {structure}")
+
 
 if __name__ == "__main__":
   main()

@@ -51,6 +51,8 @@ def test_sharded_params_on_explicit_and_auto_meshes(devices):
   # only with 2 devices, on both with 4.
   expected = 4 * layouts * 2 + 4 * layouts * (2 if devices == 4 else 1)
   assert result.stdout.count("ok ") == expected, result.stdout
+  # Stacked kernels, the layers' axis or the units' axis sharded: one device's masks.
+  assert result.stdout.count("stacked-ok ") == 2 * 4, result.stdout
 
 
 # ----------------------------------------------------------------------------- optax
