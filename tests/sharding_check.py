@@ -124,6 +124,7 @@ STACKED_METHODS = (("rigl", None), ("rigl", "constant_fan_in"), ("srigl", "const
 
 
 def check_stacked():
+  # Run last: the lowered thresholds stay for the rest of this process.
   from rigl_jax import selection  # pylint: disable=import-outside-toplevel
   selection.RADIX_MIN_SIZE, selection.ROW_BY_ROW_MIN_SIZE = 1024, 4096
   selection.LAYER_BY_LAYER_MIN_SIZE = 16384

@@ -666,6 +666,7 @@ def real_sweep(tmp_path_factory):
   return sweep_dir, runs
 
 
+@pytest.mark.slow
 def test_report_tables_and_plots_from_real_runs(real_sweep, tmp_path):
   sweep_dir, runs = real_sweep
   out = str(tmp_path / "results")
@@ -699,6 +700,7 @@ def test_report_tables_and_plots_from_real_runs(real_sweep, tmp_path):
     assert data.startswith(b"\x89PNG") and len(data) > 5000, name
 
 
+@pytest.mark.slow
 def test_report_flops_over_training_and_unfinished_runs(real_sweep, tmp_path):
   sweep_dir, runs = real_sweep
   results = {r.name: r for r in report.collect(sweep_dir)}

@@ -255,6 +255,7 @@ def _data_files(step_dir):
   return sorted(files, key=os.path.getsize)
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoints_fall_back_and_end_bit_identical(reference, tmp_path,
                                                                       cache_env):
   workdir = tmp_path / "corrupt"
@@ -312,6 +313,7 @@ def _with_file_size_limit(limit_bytes, cmd):
   return [sys.executable, "-c", setup, *cmd]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(
     reference, tmp_path, cache_env):
   workdir = tmp_path / "full"
@@ -354,6 +356,7 @@ def test_a_checkpoint_that_would_not_fit_is_refused_before_writing(tmp_path, mon
   assert sorted(os.listdir(tmp_path)) == ["1"]  # nothing started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("process_id", [0, 1])
 def test_a_peer_that_never_connects_is_one_line_after_the_timeout(tmp_path, process_id):
   """One process of two started (its peer died before connecting): after
@@ -481,6 +484,7 @@ def test_divergence_before_any_checkpoint_says_so_and_logs_strict_json(tmp_path)
   assert any(r.get("loss", 0.0) is None for r in records)  # the non-finite loss, as null
 
 
+@pytest.mark.slow
 def test_a_damaged_byte_in_metrics_jsonl_does_not_stop_reruns(tmp_path):
   c = config_lib.base_config()
   c.batch_size, c.eval_batch_size = 50, 250
@@ -707,6 +711,7 @@ def test_every_field_has_a_bad_value_above():
 # ----------------------------------------------------------------------------- determinism
 
 
+@pytest.mark.slow
 def test_rerun_gives_identical_numbers(reference, tmp_path):
   # No compilation cache: both runs compile from scratch.
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
@@ -855,6 +860,7 @@ def test_two_sweeps_on_one_directory_is_one_error_line(tmp_path):
 # ----------------------------------------------------------------------------- write failures
 
 
+@pytest.mark.slow
 def test_initial_params_on_a_full_disk_is_one_line_and_the_rerun_starts(tmp_path, cache_env):
   """The initial params (~1 MB) do not fit, config.json (a few kB) does: used to be a
   tensorstore RESOURCE_EXHAUSTED traceback."""

@@ -107,6 +107,7 @@ def test_segmented_selection_equals_largest_per_segment(seed):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(selection.largest(a, kk, m)))
 
 
+@pytest.mark.slow
 def test_rigl_updates_the_same_masks_grouped_and_layer_by_layer(monkeypatch):
   """Ten layers: the grouped update (one selection for all) gives the per-layer masks."""
   import optax  # pylint: disable=import-outside-toplevel

@@ -402,6 +402,7 @@ def test_trainer_structure_resumes_bit_identical(tmp_path, overrides):
     assert all(l["group_count"] == 2 for l in sparse)
 
 
+@pytest.mark.slow
 def test_a_run_from_before_the_structure_fields_resumes(tmp_path):
   """config.json of a run started before `structure` and the srigl fields existed: the
   run resumes under the same command (the missing fields had their defaults)."""

@@ -41,6 +41,7 @@ def test_trainer_events_readable_by_tensorflow(tmp_path):
   assert "flops_total" not in seen and "flops_steps" not in seen
 
 
+@pytest.mark.slow
 def test_resumed_run_purges_points_from_its_resume_step(tmp_path):
   tf = pytest.importorskip("tensorflow")
   c = dict(num_train_steps=20, checkpoint_every=10)
@@ -52,6 +53,7 @@ def test_resumed_run_purges_points_from_its_resume_step(tmp_path):
   assert starts == [(10, tf.compat.v1.SessionLog.START)]
 
 
+@pytest.mark.slow
 def test_hparams_of_the_run_read_by_tensorboards_hparams_plugin(tmp_path):
   """The HParams tab's data: the plugin's own parser reads the session start."""
   pytest.importorskip("tensorboard")

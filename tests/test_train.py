@@ -183,6 +183,7 @@ sys.exit(3)
 """
 
 
+@pytest.mark.slow
 def test_exit_while_the_update_step_compiles_is_clean():
   """A run that ends (a stop request, an error) while the whole step compiles on its
   thread exits with its own code: as a daemon, the thread stopped inside XLA aborted
@@ -320,6 +321,7 @@ def test_small_dense_scales_widths(tmp_path):
   assert costs["sparse_forward_flops"] < 0.6 * costs["dense_forward_flops"]
 
 
+@pytest.mark.slow
 def test_distribution_from_a_finished_run(tmp_path):
   source = train.train_and_evaluate(
       small_config(num_train_steps=10, sparsity=0.8, distribution="er"), str(tmp_path / "src"))
@@ -422,6 +424,7 @@ def test_uniform_with_a_dense_first_layer_warns_about_the_real_density(tmp_path,
   assert not [r for r in caplog.records if "will be" in r.getMessage()]
 
 
+@pytest.mark.slow
 def test_training_flops_come_from_the_checkpoint_not_the_log(tmp_path):
   """A resume after metrics.jsonl was deleted still counts the steps before it."""
   c = dict(method="pruning", sparsity=0.8, num_train_steps=40, end_step=30,
